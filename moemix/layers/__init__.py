@@ -1,0 +1,14 @@
+"""Reusable Mixture-of-Experts building blocks."""
+from moemix.layers.activations import get_act_layer
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul, plan_dispatch
+from moemix.layers.experts import GroupedExperts
+from moemix.layers.replace import replace_mlp_with_moe
+from moemix.layers.router import RoutingDecision, TopKRouter, expert_capacity
+from moemix.layers.sparse_moe import SparseMoE
+
+__all__ = [
+    "TopKRouter", "RoutingDecision", "expert_capacity",
+    "GroupedExperts", "SparseMoE", "replace_mlp_with_moe",
+    "DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul",
+    "get_act_layer",
+]

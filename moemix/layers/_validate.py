@@ -1,0 +1,34 @@
+"""Argument checks shared by the layers: each raises ``ValueError`` naming the argument."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_probability(name: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_last_dim(who: str, x: torch.Tensor, expected: int) -> None:
+    if x.dim() < 1 or x.shape[-1] != expected:
+        got = x.shape[-1] if x.dim() else "a 0-d tensor"
+        raise ValueError(f"{who} expected input of shape [..., {expected}], got last dimension {got} "
+                         f"(shape {tuple(x.shape)})")

@@ -1,0 +1,117 @@
+"""Stacked expert MLPs evaluated on expert-sorted rows."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from moemix.layers._validate import check_positive_int, check_probability
+from moemix.layers.activations import get_act_layer
+from moemix.layers.dispatch import grouped_matmul
+
+__all__ = ["GroupedExperts"]
+
+
+class GroupedExperts(nn.Module):
+    """``E`` two-layer MLP experts with stacked weights.
+
+    Expert ``e`` computes ``fc2_e(drop(act(fc1_e(x))))`` or, with ``glu=True`` (SwiGLU / GeGLU form,
+    Shazeer 2020), ``fc2_e(act(gate_e(x)) * up_e(x))``. Weights are stored stacked as
+    ``w1 [E, in, hidden]`` (``[E, in, 2 * hidden]`` for GLU: gate then up), ``w2 [E, hidden, out]``,
+    so all experts run through one :func:`~moemix.layers.dispatch.grouped_matmul`.
+
+    Args:
+        num_experts: ``E``.
+        in_features: input width ``D``.
+        hidden_features: hidden width per expert ``H``.
+        out_features: output width. Defaults to ``in_features``.
+        act_layer: activation module type or name (``"gelu"``, ``"silu"``, ...). Defaults to GELU.
+        bias: learn per-expert biases. Defaults to True.
+        glu: gated linear unit form. Defaults to False.
+        drop: dropout after the activation and after the second layer (timm ``Mlp``). Defaults to 0.
+
+    Shapes:
+        ``forward(x [N, D], counts)`` with rows sorted by expert and ``counts[e]`` rows for expert
+        ``e`` -> ``[N, out]``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        hidden_features: int,
+        out_features: Optional[int] = None,
+        *,
+        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
+        bias: bool = True,
+        glu: bool = False,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        out_features = out_features or in_features
+        for name, value in (("num_experts", num_experts), ("in_features", in_features),
+                            ("hidden_features", hidden_features), ("out_features", out_features)):
+            check_positive_int(name, value)
+        check_probability("drop", drop)
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        self.glu = glu
+        dd = {"device": device, "dtype": dtype}
+        fc1_out = 2 * hidden_features if glu else hidden_features
+        self.w1 = nn.Parameter(torch.empty(num_experts, in_features, fc1_out, **dd))
+        self.b1 = nn.Parameter(torch.empty(num_experts, fc1_out, **dd)) if bias else None
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **dd))
+        self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias else None
+        self.act = get_act_layer(act_layer)()
+        self.drop1 = nn.Dropout(drop)
+        self.drop2 = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised as an ``nn.Linear`` pair (uniform with bound 1/sqrt(fan_in))."""
+        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"hidden_features={self.hidden_features}, out_features={self.out_features}, glu={self.glu}, "
+                f"bias={self.b1 is not None}")
+
+    @torch.no_grad()
+    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, experts: Optional[List[int]] = None,
+                   fc1_up: Optional[nn.Linear] = None) -> None:
+        """Copy a dense FFN (``nn.Linear`` fc1, fc2; for GLU also ``fc1_up``) into the given experts."""
+        experts = range(self.num_experts) if experts is None else experts
+        w1 = fc1.weight.t() if fc1_up is None else torch.cat([fc1.weight.t(), fc1_up.weight.t()], dim=-1)
+        if w1.shape != self.w1.shape[1:] or fc2.weight.t().shape != self.w2.shape[1:]:
+            raise ValueError(f"dense FFN shapes {tuple(w1.shape)}, {tuple(fc2.weight.t().shape)} do not match "
+                             f"expert shapes {tuple(self.w1.shape[1:])}, {tuple(self.w2.shape[1:])}")
+        for e in experts:
+            self.w1[e].copy_(w1)
+            self.w2[e].copy_(fc2.weight.t())
+            if self.b1 is not None:
+                b1 = fc1.bias if fc1_up is None else torch.cat([fc1.bias, fc1_up.bias])
+                self.b1[e].copy_(b1 if b1 is not None else torch.zeros_like(self.b1[e]))
+            if self.b2 is not None:
+                self.b2[e].copy_(fc2.bias if fc2.bias is not None else torch.zeros_like(self.b2[e]))
+
+    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
+        h = grouped_matmul(x, self.w1, counts, self.b1)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        h = self.drop1(h)
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2))

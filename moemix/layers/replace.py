@@ -1,0 +1,108 @@
+"""Swap dense feed-forward blocks of an existing model for :class:`SparseMoE` layers."""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import List, Optional, Sequence, Union
+
+from torch import nn
+
+from moemix.layers.sparse_moe import SparseMoE
+
+__all__ = ["replace_mlp_with_moe"]
+
+
+def _dense_parts(mlp: nn.Module):
+    """Return (fc1, fc1_up or None, fc2, act module, dropout p) of a timm-style MLP, or raise."""
+    norm = getattr(mlp, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        raise ValueError(f"{type(mlp).__name__} has a hidden norm layer, which SparseMoE experts do not support")
+    drop = getattr(getattr(mlp, "drop1", None), "p", 0.0)
+    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1_g", "fc1_x", "fc2")):  # timm SwiGLU
+        return mlp.fc1_g, mlp.fc1_x, mlp.fc2, mlp.act, drop
+    if isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear):
+        if mlp.fc2.in_features != mlp.fc1.out_features:
+            raise ValueError(f"{type(mlp).__name__} looks gated (fc1 out {mlp.fc1.out_features} != fc2 in "
+                             f"{mlp.fc2.in_features}); only Mlp-style and SwiGLU-style FFNs can be converted")
+        return mlp.fc1, None, mlp.fc2, mlp.act, drop
+    raise ValueError(f"{type(mlp).__name__} is not an Mlp-style FFN (needs nn.Linear fc1/fc2, or fc1_g/fc1_x/fc2)")
+
+
+def _matches(name: str, pattern: Union[str, Sequence[str]]) -> Optional[str]:
+    """peft rule: a string is a full regex match, a list matches by exact name or dotted suffix."""
+    if isinstance(pattern, str):
+        return pattern if re.fullmatch(pattern, name) else None
+    for p in pattern:
+        if name == p or name.endswith("." + p):
+            return p
+    return None
+
+
+def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], every: Optional[int]) -> List[str]:
+    if pattern is not None:
+        names = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+        for p in ([pattern] if isinstance(pattern, str) else pattern):
+            if not any(_matches(n, p if isinstance(pattern, str) else [p]) for n in names):
+                warnings.warn(f"replace_mlp_with_moe: pattern {p!r} matched no module", stacklevel=3)
+        return names
+    stack = getattr(model, "blocks", None)
+    if not isinstance(stack, (nn.Sequential, nn.ModuleList)):
+        raise ValueError("model has no `blocks` sequence (timm ViT layout); pass pattern= to choose modules")
+    depth = len(stack)
+    if blocks is None:
+        every = 2 if every is None else every
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        blocks = [i for i in range(depth) if i % every == every - 1]  # V-MoE "every other layer": 1, 3, 5, ...
+    for i in blocks:
+        if not -depth <= i < depth:
+            raise ValueError(f"blocks contains {i}, but the model has {depth} blocks")
+    return [f"blocks.{i % depth}.mlp" for i in sorted({i % depth for i in blocks})]
+
+
+def replace_mlp_with_moe(
+    model: nn.Module,
+    *,
+    pattern: Optional[Union[str, Sequence[str]]] = None,
+    blocks: Optional[Sequence[int]] = None,
+    every: Optional[int] = None,
+    copy_weights: bool = False,
+    **moe_kwargs,
+) -> List[str]:
+    """Replace dense FFNs with :class:`SparseMoE` of the same widths, in place.
+
+    Targets are chosen by ``pattern`` (a regex fully matching the module name, or a list of names
+    matched exactly or as a dotted suffix, as peft's ``target_modules``), else on a timm ViT-style
+    model by ``blocks`` (indices into ``model.blocks``) or ``every`` (MoE in every ``every``-th block,
+    the last of each group, V-MoE style; default 2 -> blocks 1, 3, 5, ...).
+
+    Args:
+        model: the model to modify in place.
+        pattern: module names to replace.
+        blocks: block indices (timm layout).
+        every: MoE every n-th block (timm layout). Defaults to 2 when neither blocks nor pattern is given.
+        copy_weights: copy the dense weights into every expert ("upcycling"; Komatsuzaki et al. 2023).
+            With identical experts the layer initially equals the dense FFN. Defaults to False.
+        **moe_kwargs: forwarded to :class:`SparseMoE` (``num_experts``, ``k``, ``aux_loss_coef``, ...).
+
+    Returns:
+        The names of the replaced modules.
+    """
+    names = _select_targets(model, pattern, blocks, every)
+    if not names:
+        raise ValueError("replace_mlp_with_moe matched no module; check pattern/blocks")
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dense = getattr(parent, attr)
+        fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
+        kwargs = dict(act_layer=lambda act=act: copy.deepcopy(act), bias=fc1.bias is not None, drop=drop,
+                      glu=fc1_up is not None)
+        kwargs.update(moe_kwargs)
+        moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **kwargs,
+                        device=fc1.weight.device, dtype=fc1.weight.dtype)
+        if copy_weights:
+            moe.experts.load_dense(fc1, fc2, fc1_up=fc1_up)
+        setattr(parent, attr, moe)
+    return names

@@ -1,0 +1,217 @@
+"""Top-k token routers.
+
+A router maps tokens ``[T, D]`` to a :class:`RoutingDecision`: which ``k`` experts each token goes to
+and with what weight. It is the one gate every moemix MoE layer uses (SparseMoE, MixLoRA, EMoE, view
+experts, ...); method-specific scoring plugs in through ``score``.
+
+References:
+    Shazeer et al. 2017, "Outrageously Large Neural Networks" (noisy top-k gating).
+    Fedus et al. 2021, "Switch Transformers" (input jitter, capacity factor).
+    Zoph et al. 2022, "ST-MoE" (router in fp32, z-loss, Gumbel noise).
+    Riquelme et al. 2021, "V-MoE"; Chi et al. 2022, "X-MoE" (cosine router with learnable temperature).
+    Jiang et al. 2024, "Mixtral of Experts" (softmax, top-k, renormalise).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemix.layers._validate import check_choice, check_last_dim, check_nonnegative, check_positive_int
+
+__all__ = ["RoutingDecision", "TopKRouter", "SCORE_FUNCTIONS", "NOISE_TYPES", "expert_capacity"]
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "cosine")
+NOISE_TYPES = (None, "jitter", "gumbel", "normal")
+
+
+@dataclass
+class RoutingDecision:
+    """What a router decided for ``T`` tokens, ``E`` experts, top-``k``.
+
+    Attributes:
+        logits: ``[T, E]`` float32 gate logits (after noise, before the score function).
+        probs: ``[T, E]`` float32 scores over all experts (softmax / sigmoid of ``logits``).
+        weights: ``[T, k]`` combine weights of the chosen experts (zero where dropped).
+        indices: ``[T, k]`` int64 expert ids, sorted by descending score per token.
+        kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
+        num_dropped: number of dropped assignments (0 in dropless mode).
+        capacity: tokens each expert may take, or None in dropless mode.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    kept: Optional[torch.Tensor] = None
+    num_dropped: int = 0
+    capacity: Optional[int] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Tokens per expert under a capacity factor, as tutel/GShard: ``k * int(cf * ceil(T / E))``."""
+    return k * int(capacity_factor * math.ceil(num_tokens / num_experts))
+
+
+class TopKRouter(nn.Module):
+    """Linear top-k gate computed in float32.
+
+    ``logits = x @ W^T`` (no bias), optional noise, a score function over experts, top-k selection,
+    optional renormalisation of the k weights, and optionally a capacity limit that drops the
+    overflow assignments (GShard priority: all first choices before any second choice).
+
+    Args:
+        in_features: token width ``D``.
+        num_experts: number of experts ``E``.
+        k: experts per token. Defaults to 2.
+        score: ``"softmax"`` (Mixtral/Switch), ``"sigmoid"`` (independent scores), or ``"cosine"``
+            (cosine similarity between L2-normalised tokens and expert embeddings divided by a learnable
+            temperature, as V-MoE/X-MoE/GNT-MOVE; softmax on top). Defaults to ``"softmax"``.
+        noise: training-time noise: ``None``; ``"jitter"`` multiplies the input by U(1-eps, 1+eps)
+            (Switch/megablocks); ``"gumbel"`` adds Gumbel(0, 1) to the logits (ST-MoE);
+            ``"normal"`` adds N(0, (eps / E)^2) to the logits (tutel, GNT-MOVE). Defaults to None.
+        noise_eps: jitter width or normal-noise scale. Defaults to 1e-2 for jitter, 1.0 for normal.
+        renormalize: divide the k weights by their sum (Mixtral). Defaults to True.
+        capacity_factor: if set, each expert takes at most ``expert_capacity(T, E, k, cf)`` assignments
+            and the rest are dropped (weight zero, ``kept`` False). Defaults to None (dropless).
+        cosine_dim: projection width for the cosine score. Defaults to ``D``.
+        init_std: if set, gate weights are drawn from N(0, init_std^2) (MixLoRA uses 0.02);
+            otherwise ``nn.Linear``'s default init.
+
+    Shapes:
+        input ``[T, D]`` (or ``[..., D]``, flattened), output :class:`RoutingDecision` with ``T`` rows.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        score: str = "softmax",
+        noise: Optional[str] = None,
+        noise_eps: Optional[float] = None,
+        renormalize: bool = True,
+        capacity_factor: Optional[float] = None,
+        cosine_dim: Optional[int] = None,
+        init_std: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
+        check_choice("score", score, SCORE_FUNCTIONS)
+        check_choice("noise", noise, NOISE_TYPES)
+        if noise_eps is None:
+            noise_eps = 1e-2 if noise == "jitter" else 1.0
+        check_nonnegative("noise_eps", noise_eps)
+        if noise == "jitter" and noise_eps >= 1:
+            raise ValueError(f"noise_eps for jitter must be in [0, 1), got {noise_eps}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.k = k
+        self.score = score
+        self.noise = noise
+        self.noise_eps = float(noise_eps)
+        self.renormalize = renormalize
+        self.capacity_factor = capacity_factor
+        dd = {"device": device, "dtype": dtype}
+        if score == "cosine":
+            cosine_dim = cosine_dim or in_features
+            check_positive_int("cosine_dim", cosine_dim)
+            self.proj = nn.Linear(in_features, cosine_dim, bias=False, **dd)
+            self.weight = nn.Parameter(torch.empty(num_experts, cosine_dim, **dd))
+            # X-MoE initialises the temperature at 0.07 and learns its log, clamped below 1/0.01.
+            self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1 / 0.07), **dd))
+        else:
+            self.proj = None
+            self.weight = nn.Parameter(torch.empty(num_experts, in_features, **dd))
+            self.register_parameter("log_inv_temperature", None)
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.init_std is not None:
+            nn.init.normal_(self.weight, std=self.init_std)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    def extra_repr(self) -> str:
+        cf = f", capacity_factor={self.capacity_factor}" if self.capacity_factor else ""
+        return (f"{self.in_features}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}, "
+                f"noise={self.noise!r}, renormalize={self.renormalize}{cf}")
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, D]`` -> ``[T, E]`` float32 logits, noise included when training."""
+        x = x.float()
+        if self.training and self.noise == "jitter" and self.noise_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.noise_eps, 1 + self.noise_eps)
+        if self.score == "cosine":
+            h = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1)
+            w = F.normalize(self.weight.float(), dim=-1)
+            scale = self.log_inv_temperature.float().clamp(max=math.log(100.0)).exp()
+            logits = F.linear(h, w) * scale
+        else:
+            logits = F.linear(x, self.weight.float())
+        if self.training and self.noise == "gumbel":
+            u = torch.rand_like(logits).clamp_(min=1e-20)
+            logits = logits - torch.log(-torch.log(u).clamp(min=1e-20))
+        elif self.training and self.noise == "normal" and self.noise_eps > 0:
+            logits = logits + torch.randn_like(logits) * (self.noise_eps / self.num_experts)
+        return logits
+
+    def forward(self, x: torch.Tensor) -> RoutingDecision:
+        check_last_dim("TopKRouter", x, self.in_features)
+        x = x.reshape(-1, self.in_features)
+        device_type = x.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            logits = self.compute_logits(x)
+            probs = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, dim=-1)
+            weights, indices = torch.topk(probs, self.k, dim=-1)
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        decision = RoutingDecision(logits=logits, probs=probs, weights=weights, indices=indices)
+        if self.capacity_factor is not None:
+            apply_capacity(decision, expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor))
+        return decision
+
+
+def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:
+    """Drop assignments beyond ``capacity`` per expert, first choices first (GShard priority).
+
+    Sets ``decision.kept``, zeroes the dropped weights and records ``num_dropped``. In place.
+    """
+    indices = decision.indices
+    num_tokens, k = indices.shape
+    # Priority order: choice rank major, token minor (every token's 1st choice before any 2nd choice).
+    flat = indices.t().reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=decision.num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    position_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    position = torch.empty_like(position_sorted)
+    position[order] = position_sorted
+    kept = (position < capacity).view(k, num_tokens).t()
+    decision.kept = kept
+    decision.weights = decision.weights * kept
+    decision.num_dropped = int((~kept).sum())
+    decision.capacity = capacity
+    return decision

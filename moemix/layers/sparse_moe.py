@@ -1,0 +1,181 @@
+"""SparseMoE: router + grouped experts + the shared dropless dispatch, a drop-in for ``timm.layers.Mlp``."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from moemix.layers._validate import check_choice, check_last_dim, check_nonnegative, check_positive_int
+from moemix.layers.dispatch import combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.experts import GroupedExperts
+from moemix.layers.router import RoutingDecision, TopKRouter
+from moemix.losses import importance_load_loss, load_balance_loss, router_z_loss
+
+__all__ = ["SparseMoE", "AUX_LOSS_TYPES", "SHARED_EXPERT_TYPES"]
+
+AUX_LOSS_TYPES = ("switch", "importance", None)
+SHARED_EXPERT_TYPES = (None, "gated", "averaged")
+
+
+class SparseMoE(nn.Module):
+    """Sparse mixture-of-experts feed-forward layer.
+
+    Tokens ``x [..., D]`` are routed by a :class:`TopKRouter` to ``k`` of ``E`` MLP experts
+    (:class:`GroupedExperts`) and their outputs are combined with the router weights:
+    ``y = sum_j w_j * expert_{i_j}(x)``. Dropless by default (every assignment is computed); with
+    ``capacity_factor`` the overflow is dropped and counted (Switch/GShard).
+
+    After each forward the module holds ``aux_loss`` (weighted auxiliary loss, a scalar with gradient),
+    ``aux_losses`` (its detached named parts), ``tokens_per_expert`` (``[E]``) and ``dropped_tokens``;
+    :func:`moemix.losses.collect_aux_loss` sums ``aux_loss`` over a model.
+
+    References: Shazeer et al. 2017; Lepikhin et al. 2020 (GShard); Fedus et al. 2021 (Switch);
+    Jiang et al. 2024 (Mixtral); Gale et al. 2022 (megablocks, dropless dispatch); Qwen2-MoE (gated
+    shared expert); Cong et al. 2023 (GNT-MOVE, averaged permanent expert).
+
+    Args:
+        in_features: token width ``D``.
+        hidden_features: hidden width of each expert. Defaults to ``in_features``.
+        out_features: output width. Defaults to ``in_features``.
+        act_layer: activation type or name. Defaults to GELU.
+        norm_layer: must be None (accepted for ``timm.layers.Mlp`` signature compatibility).
+        bias: expert biases. Defaults to True.
+        drop: dropout inside the experts. Defaults to 0.
+        use_conv: must be False (``timm.layers.Mlp`` compatibility).
+        num_experts: ``E``. Defaults to 8.
+        k: experts per token. Defaults to 2.
+        glu: gated (SwiGLU-style) experts. Defaults to False.
+        score, noise, noise_eps, renormalize, capacity_factor, router_init_std: see :class:`TopKRouter`.
+        aux_loss: ``"switch"`` (load-balance), ``"importance"`` (importance + load cv^2) or None.
+            Defaults to ``"switch"``.
+        aux_loss_coef: weight of that loss. Defaults to 1e-2 (ST-MoE).
+        z_loss_coef: weight of the router z-loss. Defaults to 1e-3 (ST-MoE).
+        shared_expert: None; ``"gated"`` adds ``sigmoid(g(x)) * shared(x)`` (Qwen2-MoE); ``"averaged"``
+            returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
+        shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
+
+    Shapes:
+        ``[..., in_features] -> [..., out_features]``.
+
+    Example:
+        >>> moe = SparseMoE(64, 128, num_experts=4, k=2)
+        >>> moe(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+        >>> moe.tokens_per_expert.sum().item()
+        40
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        use_conv: bool = False,
+        *,
+        num_experts: int = 8,
+        k: int = 2,
+        glu: bool = False,
+        score: str = "softmax",
+        noise: Optional[str] = None,
+        noise_eps: Optional[float] = None,
+        renormalize: bool = True,
+        capacity_factor: Optional[float] = None,
+        router_init_std: Optional[float] = None,
+        aux_loss: Optional[str] = "switch",
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        shared_expert: Optional[str] = None,
+        shared_hidden_features: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if norm_layer is not None:
+            raise ValueError("norm_layer is not supported inside SparseMoE experts; pass norm_layer=None")
+        if use_conv:
+            raise ValueError("use_conv=True is not supported by SparseMoE; it works on [..., D] tokens")
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        check_positive_int("in_features", in_features)
+        check_positive_int("hidden_features", hidden_features)
+        check_positive_int("out_features", out_features)
+        check_choice("aux_loss", aux_loss, AUX_LOSS_TYPES)
+        check_choice("shared_expert", shared_expert, SHARED_EXPERT_TYPES)
+        check_nonnegative("aux_loss_coef", aux_loss_coef)
+        check_nonnegative("z_loss_coef", z_loss_coef)
+        dd = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.router = TopKRouter(in_features, num_experts, k, score=score, noise=noise, noise_eps=noise_eps,
+                                 renormalize=renormalize, capacity_factor=capacity_factor,
+                                 init_std=router_init_std, **dd)
+        self.experts = GroupedExperts(num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
+                                      bias=bias, glu=glu, drop=drop, **dd)
+        self.shared_expert_type = shared_expert
+        if shared_expert is not None:
+            self.shared_expert = GroupedExperts(1, in_features, shared_hidden_features or hidden_features,
+                                                out_features, act_layer=act_layer, bias=bias, glu=glu, drop=drop, **dd)
+            self.shared_gate = nn.Linear(in_features, 1, bias=False, **dd) if shared_expert == "gated" else None
+        else:
+            self.shared_expert = None
+            self.shared_gate = None
+        self.aux_loss_type = aux_loss
+        self.aux_loss_coef = aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.aux_losses: Dict[str, torch.Tensor] = {}
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+        self.dropped_tokens: int = 0
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(type(self).__name__, x, self.in_features)
+        lead_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.in_features)
+        decision = self.router(tokens)
+        y = self._experts_forward(tokens, decision)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens, [tokens.shape[0]])
+            if self.shared_gate is not None:
+                y = y + torch.sigmoid(self.shared_gate(tokens)) * shared
+            else:
+                y = (y + shared) / 2
+        self._store_aux(decision)
+        return y.reshape(*lead_shape, self.out_features)
+
+    @torch.compiler.disable
+    def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
+        # Data-dependent slice sizes: run eagerly under torch.compile (one graph break).
+        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept)
+        y_sorted = self.experts(dispatch_tokens(tokens, plan), plan.counts)
+        self.tokens_per_expert = plan.tokens_per_expert.detach()
+        self.dropped_tokens = plan.num_dropped
+        return combine_tokens(y_sorted, decision.weights, plan)
+
+    def _store_aux(self, decision: RoutingDecision) -> None:
+        parts: Dict[str, torch.Tensor] = {}
+        total = decision.logits.new_zeros(())
+        if self.aux_loss_type == "switch":
+            parts["loss_balance"] = load_balance_loss(decision.probs, decision.indices)
+            total = total + self.aux_loss_coef * parts["loss_balance"]
+        elif self.aux_loss_type == "importance":
+            parts["loss_importance_load"] = importance_load_loss(decision.probs, decision.indices,
+                                                                 weights=decision.weights)
+            total = total + self.aux_loss_coef * parts["loss_importance_load"]
+        if self.z_loss_coef > 0:
+            parts["loss_z"] = router_z_loss(decision.logits)
+            total = total + self.z_loss_coef * parts["loss_z"]
+        self.aux_loss = total
+        self.aux_losses = {name: value.detach() for name, value in parts.items()}

@@ -1,0 +1,103 @@
+"""Auxiliary router losses and :func:`collect_aux_loss`.
+
+All functions take router outputs for ``T`` tokens and ``E`` experts and return a float32 scalar.
+
+References:
+    Fedus et al. 2021, "Switch Transformers" (load-balance loss); Jiang et al. 2024, "Mixtral" (top-k form).
+    Zoph et al. 2022, "ST-MoE" (router z-loss).
+    Shazeer et al. 2017, "Outrageously Large Neural Networks" (importance and load cv^2 losses).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["load_balance_loss", "router_z_loss", "importance_load_loss", "router_entropy", "cv_squared",
+           "collect_aux_loss"]
+
+
+def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, *, top1_only: bool = False) -> torch.Tensor:
+    """Switch/Mixtral load-balance loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the ``T * k`` assignments sent to expert ``e`` (Mixtral/HF count all k
+    choices; ``top1_only=True`` counts only the first choice, as Switch), ``P_e`` the mean router
+    probability of ``e``. Equals 1 for perfectly uniform routing.
+
+    Args:
+        probs: ``[T, E]`` router probabilities.
+        indices: ``[T, k]`` chosen experts (first column = top choice).
+        top1_only: count only the first choice. Defaults to False.
+    """
+    num_experts = probs.shape[-1]
+    chosen = indices[:, :1] if top1_only else indices
+    if chosen.numel() == 0:
+        return probs.new_zeros((), dtype=torch.float32)
+    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(torch.float32)
+    fraction = counts / chosen.numel()
+    mean_prob = probs.float().mean(0)
+    return num_experts * torch.dot(fraction, mean_prob)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t (logsumexp_e logits[t, e])^2``; ``logits`` is ``[T, E]``."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var(x) / mean(x)^2`` (population variance)."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var(unbiased=False) / (x.mean().square() + eps)
+
+
+def importance_load_loss(probs: torch.Tensor, indices: torch.Tensor, *,
+                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Shazeer et al. importance + load loss ``cv^2(importance) + cv^2(load)``.
+
+    ``importance_e`` is the sum over tokens of the gate value of ``e`` (the top-k ``weights`` when
+    given, else ``probs``); ``load_e`` is the number of assignments to ``e``. The paper's smooth load
+    estimator (normal CDF of the noisy-gate margin) is replaced by the hard count, so the gradient flows
+    through the importance term only.
+
+    Args:
+        probs: ``[T, E]`` router probabilities.
+        indices: ``[T, k]`` chosen experts.
+        weights: optional ``[T, k]`` gate values of the chosen experts.
+    """
+    num_experts = probs.shape[-1]
+    if weights is not None:
+        importance = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+        importance = importance.index_add(0, indices.reshape(-1), weights.reshape(-1).float())
+    else:
+        importance = probs.float().sum(0)
+    load = torch.bincount(indices.reshape(-1), minlength=num_experts).to(torch.float32)
+    return cv_squared(importance) + cv_squared(load)
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy ``-sum_e p log p`` of ``[T, E]`` router probabilities (nats)."""
+    if probs.shape[0] == 0:
+        return probs.new_zeros((), dtype=torch.float32)
+    p = probs.float()
+    return -(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean()
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``module.aux_loss`` over every submodule that stored one in its last forward.
+
+    Returns a float32 scalar (zero when no layer stored a loss) on the model's device.
+    """
+    total = None
+    for module in model.modules():
+        loss = getattr(module, "aux_loss", None)
+        if isinstance(loss, torch.Tensor):
+            total = loss.float() if total is None else total + loss.float()
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return total
