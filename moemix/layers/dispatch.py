@@ -77,7 +77,7 @@ class _DispatchTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        grad_x = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1)
+        grad_x = grad.index_select(0, inverse).view(inverse.numel() // ctx.k, ctx.k, grad.shape[-1]).sum(1)
         return grad_x, None, None, None
 
 
@@ -87,7 +87,7 @@ class _CombineTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted, weights, order, inverse):
         num_tokens, k = weights.shape
-        y = y_sorted.index_select(0, inverse).view(num_tokens, k, -1)
+        y = y_sorted.index_select(0, inverse).view(num_tokens, k, y_sorted.shape[-1])
         w = weights.to(y.dtype)
         ctx.save_for_backward(y, w, order)
         ctx.weights_dtype = weights.dtype

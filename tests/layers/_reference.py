@@ -1,0 +1,30 @@
+"""Straightforward reference implementations the fast layers are checked against."""
+import torch
+
+
+def reference_moe(moe, x):
+    """Loop over experts with per-expert weight slices: y = sum_j w_j * expert_{i_j}(x)."""
+    tokens = x.reshape(-1, moe.in_features)
+    decision = moe.router(tokens)
+    experts = moe.experts
+    out = tokens.new_zeros(tokens.shape[0], moe.out_features)
+    for e in range(moe.num_experts):
+        rows, slot = torch.where(decision.indices == e)
+        if decision.kept is not None:
+            keep = decision.kept[rows, slot]
+            rows, slot = rows[keep], slot[keep]
+        if rows.numel() == 0:
+            continue
+        h = tokens[rows] @ experts.w1[e]
+        if experts.b1 is not None:
+            h = h + experts.b1[e]
+        if experts.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = experts.act(gate) * up
+        else:
+            h = experts.act(h)
+        y = h @ experts.w2[e]
+        if experts.b2 is not None:
+            y = y + experts.b2[e]
+        out = out.index_add(0, rows, y * decision.weights[rows, slot, None])
+    return out.reshape(*x.shape[:-1], moe.out_features)

@@ -1,0 +1,42 @@
+import math
+
+import torch
+
+from moemix.losses import cv_squared, importance_load_loss, load_balance_loss, router_entropy, router_z_loss
+
+
+def test_load_balance_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1]])
+    indices = torch.tensor([[0, 1], [0, 1], [2, 0], [0, 1]])
+    # f = counts / (T*k) = [4, 3, 1] / 8 ; P = column means = [0.475, 0.25, 0.275]
+    expected = 3 * (4 / 8 * 0.475 + 3 / 8 * 0.25 + 1 / 8 * 0.275)
+    assert math.isclose(load_balance_loss(probs, indices).item(), expected, rel_tol=1e-6)
+    # Switch: first choice only: f = [3, 0, 1] / 4
+    expected_top1 = 3 * (3 / 4 * 0.475 + 1 / 4 * 0.275)
+    assert math.isclose(load_balance_loss(probs, indices, top1_only=True).item(), expected_top1, rel_tol=1e-6)
+
+
+def test_load_balance_loss_is_one_when_uniform():
+    probs = torch.full((4, 4), 0.25)
+    indices = torch.arange(4).view(4, 1)
+    assert math.isclose(load_balance_loss(probs, indices).item(), 1.0, rel_tol=1e-6)
+
+
+def test_z_loss_formula():
+    logits = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    expected = (math.log(math.e + math.e ** 2) ** 2 + math.log(2) ** 2) / 2
+    assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_importance_load_loss_is_sum_of_cv_squared():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    indices = torch.tensor([[0], [0], [1]])
+    importance = probs.sum(0)
+    load = torch.tensor([2.0, 1.0])
+    expected = importance.var(unbiased=False) / importance.mean() ** 2 + load.var(unbiased=False) / load.mean() ** 2
+    assert math.isclose(importance_load_loss(probs, indices).item(), expected.item(), rel_tol=1e-5)
+    assert cv_squared(torch.ones(5)).item() == 0.0
+
+
+def test_entropy_of_uniform_router_is_log_e():
+    assert math.isclose(router_entropy(torch.full((3, 8), 1 / 8)).item(), math.log(8), rel_tol=1e-6)

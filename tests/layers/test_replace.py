@@ -1,0 +1,81 @@
+import pytest
+import timm
+import torch
+from torch import nn
+
+from moemix.layers import SparseMoE, replace_mlp_with_moe
+from moemix.losses import collect_aux_loss
+
+
+def _vit(**kw):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                             depth=4, **kw)
+
+
+def test_every_second_block_like_vmoe():
+    model = _vit()
+    names = replace_mlp_with_moe(model, num_experts=4, k=2)
+    assert names == ["blocks.1.mlp", "blocks.3.mlp"]
+    assert isinstance(model.blocks[1].mlp, SparseMoE) and not isinstance(model.blocks[0].mlp, SparseMoE)
+
+
+def test_copy_weights_keeps_the_dense_function():
+    torch.manual_seed(0)
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    dense_out = model(x)
+    replace_mlp_with_moe(model, blocks=[0, 2, 3], num_experts=4, k=2, copy_weights=True)
+    torch.testing.assert_close(model(x), dense_out, atol=1e-4, rtol=1e-4)
+
+
+def test_swiglu_mlp_is_converted_as_glu_experts():
+    from timm.layers import SwiGLU
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), SwiGLU(8, 16))
+    x = torch.randn(5, 8)
+    before = model(x)
+    replace_mlp_with_moe(model, pattern=["1"], num_experts=3, copy_weights=True)
+    assert model[1].experts.glu
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_list_matches_suffix_and_warns_on_unmatched():
+    model = _vit()
+    with pytest.warns(UserWarning, match="nothing_here"):
+        names = replace_mlp_with_moe(model, pattern=["blocks.2.mlp", "nothing_here"], num_experts=2, k=1)
+    assert names == ["blocks.2.mlp"]
+
+
+def test_regex_pattern_is_full_match():
+    model = _vit()
+    names = replace_mlp_with_moe(model, pattern=r"blocks\.[01]\.mlp", num_experts=2, k=1)
+    assert names == ["blocks.0.mlp", "blocks.1.mlp"]
+
+
+def test_bad_targets_raise():
+    with pytest.raises(ValueError, match="blocks"):
+        replace_mlp_with_moe(_vit(), blocks=[9])
+    with pytest.raises(ValueError, match="matched no module"):
+        with pytest.warns(UserWarning):
+            replace_mlp_with_moe(_vit(), pattern=r"nothing")
+    with pytest.raises(ValueError, match="pattern"):
+        replace_mlp_with_moe(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_vit_with_moe_trains_and_loss_falls():
+    torch.manual_seed(0)
+    model = _vit(drop_rate=0.0)
+    replace_mlp_with_moe(model, num_experts=4, k=2)
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(model(x), y)
+        total = loss + collect_aux_loss(model)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0

@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from moemix.layers import SparseMoE, TopKRouter, expert_capacity
+
+
+def test_weights_are_renormalised_topk_of_softmax():
+    router = TopKRouter(8, 5, k=2)
+    x = torch.randn(11, 8)
+    d = router(x)
+    probs = torch.softmax(x @ router.weight.t(), -1)
+    top, idx = probs.topk(2, -1)
+    torch.testing.assert_close(d.probs, probs)
+    torch.testing.assert_close(d.weights, top / top.sum(-1, keepdim=True))
+    assert torch.equal(d.indices, idx)
+    assert d.kept is None and d.num_dropped == 0
+
+
+def test_sigmoid_scores_without_renormalisation():
+    router = TopKRouter(8, 5, k=3, score="sigmoid", renormalize=False)
+    x = torch.randn(4, 8)
+    d = router(x)
+    torch.testing.assert_close(d.weights, torch.sigmoid(x @ router.weight.t()).topk(3, -1).values)
+
+
+def test_cosine_scores_are_bounded_by_temperature():
+    router = TopKRouter(8, 4, k=1, score="cosine")
+    d = router(torch.randn(6, 8) * 100)
+    assert d.logits.abs().max() <= 1 / 0.07 + 1e-4
+
+
+def test_router_runs_in_float32_under_autocast():
+    router = TopKRouter(8, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = router(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert d.logits.dtype == torch.float32 and d.weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("noise", ["jitter", "gumbel", "normal"])
+def test_noise_only_in_training(noise):
+    router = TopKRouter(8, 4, noise=noise, noise_eps=0.5 if noise == "jitter" else 1.0)
+    x = torch.randn(64, 8)
+    router.eval()
+    assert torch.equal(router(x).logits, router(x).logits)
+    router.train()
+    assert not torch.equal(router(x).logits, router(x).logits)
+
+
+def test_normal_noise_scale_is_eps_over_num_experts():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, noise="normal", noise_eps=2.0)
+    x = torch.randn(20000, 8)
+    clean = x @ router.weight.t()
+    noise_std = (router(x).logits - clean).std().item()
+    assert math.isclose(noise_std, 2.0 / 4, rel_tol=0.05)
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(100, 8, 2, 1.25) == 2 * int(1.25 * 13)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_experts=4, k=5), "k"),
+    (dict(num_experts=4, k=0), "k"),
+    (dict(num_experts=0, k=1), "num_experts"),
+    (dict(num_experts=4, score="softmax2"), "score"),
+    (dict(num_experts=4, noise="uniform"), "noise"),
+    (dict(num_experts=4, capacity_factor=0.0), "capacity_factor"),
+    (dict(num_experts=4, noise="jitter", noise_eps=1.5), "noise_eps"),
+])
+def test_bad_router_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TopKRouter(8, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(in_features=0), "in_features"),
+    (dict(in_features=8, hidden_features=-1), "hidden_features"),
+    (dict(in_features=8, num_experts=2, k=3), "k"),
+    (dict(in_features=8, aux_loss="foo"), "aux_loss"),
+    (dict(in_features=8, shared_expert="foo"), "shared_expert"),
+    (dict(in_features=8, drop=1.5), "drop"),
+    (dict(in_features=8, act_layer="nope"), "act_layer"),
+])
+def test_bad_moe_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SparseMoE(**kwargs)
+
+
+def test_wrong_last_dimension_reports_expected_and_got():
+    moe = SparseMoE(8, 16, num_experts=4)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\].*got last dimension 7"):
+        moe(torch.randn(3, 7))

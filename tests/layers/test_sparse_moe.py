@@ -1,0 +1,177 @@
+import pytest
+import torch
+from torch import nn
+
+from moemix.layers import SparseMoE
+from moemix.losses import collect_aux_loss
+from tests.layers._reference import reference_moe
+
+
+def _pair(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("num_experts", 6)
+    kw.setdefault("k", 2)
+    return SparseMoE(16, 24, **kw).double()
+
+
+def _grads(module, x, fn):
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * target).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(glu=True, act_layer="silu", bias=False),
+    dict(score="sigmoid", renormalize=False),
+    dict(score="cosine"),
+    dict(num_experts=3, k=3),
+    dict(k=1),
+])
+def test_output_and_gradients_equal_reference_loop(kw):
+    moe = _pair(**kw)
+    x = torch.randn(50, 16, dtype=torch.float64)
+    out, gx, gp = _grads(moe, x, moe)
+    ref_out, ref_gx, ref_gp = _grads(moe, x, lambda t: reference_moe(moe, t))
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=1e-5)
+    for name, g in ref_gp.items():
+        torch.testing.assert_close(gp[name], g, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_identical_experts_equal_dense_ffn():
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+    moe = SparseMoE(16, 32, num_experts=4, k=2)
+    moe.experts.load_dense(fc1, fc2)
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(moe(x), fc2(nn.functional.gelu(fc1(x))), atol=1e-5, rtol=1e-5)
+
+
+def test_k_equal_e_is_probability_weighted_sum_of_all_experts():
+    moe = _pair(num_experts=4, k=4)
+    x = torch.randn(20, 16, dtype=torch.float64)
+    probs = moe.router(x).probs
+    ex = moe.experts
+    each = torch.stack([ex.act(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e] for e in range(4)], 1)
+    torch.testing.assert_close(moe(x), (probs.unsqueeze(-1) * each).sum(1))
+
+
+def test_unselected_experts_get_zero_gradient():
+    moe = _pair(num_experts=8, k=1)
+    with torch.no_grad():  # route everything to experts 0 and 1
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0
+        moe.router.weight[1, 0] = -10.0
+    x = torch.randn(30, 16, dtype=torch.float64)
+    moe(x).sum().backward()
+    used = moe.tokens_per_expert > 0
+    assert used.sum() == 2
+    assert torch.all(moe.experts.w1.grad[~used] == 0) and torch.all(moe.experts.b2.grad[~used] == 0)
+    assert torch.all(moe.experts.w1.grad[used].abs().sum((1, 2)) > 0)
+
+
+@pytest.mark.parametrize("shape", [(10, 16), (2, 5, 16), (2, 3, 4, 16), (16,)])
+def test_forward_preserves_leading_shape(shape):
+    moe = SparseMoE(16, 8, 12, num_experts=4, k=2)
+    assert moe(torch.randn(shape)).shape == (*shape[:-1], 12)
+
+
+def test_fewer_tokens_than_experts_and_empty_input():
+    moe = SparseMoE(16, 8, num_experts=32, k=2)
+    x = torch.randn(3, 16, requires_grad=True)
+    moe(x).sum().backward()
+    assert int((moe.tokens_per_expert > 0).sum()) <= 6
+    empty = moe(torch.randn(0, 16))
+    assert empty.shape == (0, 16)
+
+
+def test_aux_loss_reaches_collect_aux_loss():
+    model = nn.Sequential(SparseMoE(16, 8, num_experts=4), nn.ReLU(), SparseMoE(16, 8, num_experts=4, aux_loss="importance"))
+    model(torch.randn(10, 16))
+    total = collect_aux_loss(model)
+    assert torch.allclose(total, model[0].aux_loss + model[2].aux_loss)
+    assert set(model[0].aux_losses) == {"loss_balance", "loss_z"}
+    total.backward()
+    assert model[0].router.weight.grad.abs().sum() > 0
+
+
+def test_collect_aux_loss_without_moe_is_zero():
+    assert collect_aux_loss(nn.Linear(3, 3)).item() == 0.0
+
+
+def test_capacity_mode_drops_exactly_the_overflow():
+    moe = _pair(num_experts=4, k=1, capacity_factor=1.0)
+    with torch.no_grad():  # every token prefers expert 0
+        moe.router.weight.zero_()
+        moe.router.weight[0].fill_(0.0)
+        moe.router.weight[1:].fill_(-1.0)
+    x = torch.rand(40, 16, dtype=torch.float64)  # positive inputs: logit 0 beats negative ones
+    out = moe(x)
+    capacity = 10  # k * int(1.0 * ceil(40 / 4))
+    assert moe.tokens_per_expert.tolist() == [capacity, 0, 0, 0]
+    assert moe.dropped_tokens == 30
+    assert torch.all(out[capacity:] == 0) and torch.all(out[:capacity].abs().sum(-1) > 0)
+    torch.testing.assert_close(out, reference_moe(moe, x))
+
+
+def test_capacity_priority_first_choices_before_second():
+    from moemix.layers.router import RoutingDecision, apply_capacity
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    d = RoutingDecision(logits=torch.zeros(3, 2), probs=torch.full((3, 2), 0.5), weights=torch.ones(3, 2), indices=idx)
+    apply_capacity(d, 2)
+    # expert 0: first choices of tokens 0, 1 fill it, token 2's second choice is dropped;
+    # expert 1: token 2's first choice, then token 0's second choice; token 1's second is dropped
+    assert d.kept.tolist() == [[True, True], [True, False], [True, False]]
+    assert d.num_dropped == 2
+    assert d.weights.tolist() == [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
+
+
+def test_shared_experts():
+    x = torch.randn(10, 16)
+    gated = SparseMoE(16, 8, num_experts=4, shared_expert="gated")
+    sparse_only = gated._experts_forward(x, gated.router(x))
+    shared = gated.shared_expert(x, [10])
+    torch.testing.assert_close(gated(x), sparse_only + torch.sigmoid(gated.shared_gate(x)) * shared)
+    averaged = SparseMoE(16, 8, num_experts=4, shared_expert="averaged")
+    torch.testing.assert_close(averaged(x), (averaged._experts_forward(x, averaged.router(x))
+                                             + averaged.shared_expert(x, [10])) / 2)
+
+
+def test_bf16_autocast():
+    moe = SparseMoE(16, 32, num_experts=4)
+    x = torch.randn(2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+        decision = moe.router(x.reshape(-1, 16))
+    assert y.dtype == torch.bfloat16 and decision.logits.dtype == torch.float32
+    y.float().sum().backward()
+    assert moe.experts.w1.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), moe(x), atol=0.1, rtol=0.05)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 32, num_experts=4)
+    x = torch.randn(12, 16)
+    compiled = torch.compile(moe, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), moe(x))
+    compiled(x).sum().backward()
+    assert moe.experts.w1.grad is not None
+
+
+def test_state_dict_round_trip():
+    a = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
+    b = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_dropout_only_in_training():
+    moe = SparseMoE(16, 8, num_experts=4, drop=0.5).eval()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(moe(x), moe(x))
