@@ -1,16 +1,23 @@
 """Dropless token dispatch: the one hot path every moemix MoE layer shares.
 
-The T*k (token, expert) assignments are sorted by expert id once; every expert then reads a
-contiguous slice of the permuted tokens (megablocks dMoE / scattermoe style). All data movement is
-expressed as row gathers whose backward is again a gather by the inverse permutation, so neither the
-forward nor the backward pass uses a serial scatter-add, and there is one host sync (the per-expert
-counts) per layer call.
+The ``N = T * k`` (token, expert) assignments are sorted by expert id once and copied into an
+*expert buffer* whose rows belong to the experts in order. Two buffer layouts exist:
 
-    x [T, D] --dispatch_tokens--> x_sorted [N, D] --grouped_matmul(...)--> y_sorted [N, D']
-    y_sorted --combine_tokens(weights)--> y [T, D']        with N = T * k
+- ``"sorted"``: ``N`` rows, expert ``e`` owns a contiguous slice of ``counts[e]`` rows (megablocks
+  dMoE / scattermoe style); experts run as one GEMM per non-empty slice (:func:`grouped_matmul`).
+- ``"padded"``: ``E * C`` rows with ``C = max(counts)``, viewed as ``[E, C, D]``; all experts run
+  as one batched GEMM. Pays for padding, saves the per-expert calls; wins for balanced routing and
+  small batches (see ``docs/results/moe_layer.md``).
 
-Dropped assignments (capacity mode) are sorted into a trailing bucket that no expert reads; their
-output rows are zero.
+``"auto"`` picks by the padding fraction. All data movement is a row gather: the backward of the
+dispatch is a gather by each assignment's row followed by a sum over the k copies, the backward of the
+combine a gather (sorted) or a copy into distinct rows (padded); no scatter-add accumulates anywhere.
+There is one host sync (the per-expert counts) per call.
+
+    x [T, D] --dispatch_tokens--> rows [R, D] --experts--> out_rows [R, D'] --combine_tokens(w)--> [T, D']
+
+Dropped assignments (capacity mode, sorted layout only) go to trailing rows no expert reads; their
+output is zero.
 """
 from __future__ import annotations
 
@@ -19,101 +26,158 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul"]
+from moemix.layers._validate import check_choice
+
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
+
+LAYOUTS = ("auto", "sorted", "padded")
+# "auto" takes the padded layout while E * C <= PADDED_MAX_WASTE * N (+ a per-expert allowance that
+# stands for the fixed cost of one GEMM call on a slice). Measured by benchmarks/moe_layer.py.
+PADDED_MAX_WASTE = 1.25
+PADDED_ROWS_PER_CALL = 32
 
 
 @dataclass
 class DispatchPlan:
-    """Sorted order of the ``N = T * k`` assignments.
+    """Where each of the ``N = T * k`` assignments lives in the expert buffer.
 
     Attributes:
         num_tokens: ``T``.
         k: experts per token.
-        order: ``[N]`` flat assignment id (``t * k + j``) at each sorted position.
-        inverse: ``[N]`` sorted position of each flat assignment id (``order[inverse] == arange(N)``).
-        counts: per-expert row counts (host ints, length ``E``); dropped rows follow the last expert.
-        tokens_per_expert: the same counts as a ``[E]`` int64 tensor on the input's device.
-        num_dropped: rows in the trailing dropped bucket.
+        slot: ``[N]`` buffer row of each flat assignment ``t * k + j``.
+        row_token: ``[R]`` source token of each buffer row; ``T`` for padding / dropped rows.
+        order: ``[R]`` flat assignment held by each row (sorted layout only, else None).
+        counts: per-expert assignment counts (host ints, length ``E``).
+        tokens_per_expert: the same counts as an ``[E]`` int64 tensor.
+        capacity: rows per expert ``C`` in the padded layout, None in the sorted layout.
+        num_dropped: assignments dropped by a capacity limit (their rows trail the last expert).
     """
 
     num_tokens: int
     k: int
-    order: torch.Tensor
-    inverse: torch.Tensor
+    slot: torch.Tensor
+    row_token: torch.Tensor
+    order: Optional[torch.Tensor]
     counts: List[int]
     tokens_per_expert: torch.Tensor
+    capacity: Optional[int] = None
     num_dropped: int = 0
 
     @property
-    def token_index(self) -> torch.Tensor:
-        """``[N]`` source token of each sorted row."""
-        return torch.div(self.order, self.k, rounding_mode="floor")
+    def layout(self) -> str:
+        return "sorted" if self.capacity is None else "padded"
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_token.numel()
 
 
-def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None) -> DispatchPlan:
-    """Sort ``[T, k]`` expert ids into a :class:`DispatchPlan`; ``kept`` marks assignments to keep."""
+def _use_padded(counts: List[int], num_assignments: int) -> bool:
+    padded_rows = len(counts) * max(counts, default=0)
+    return padded_rows <= PADDED_MAX_WASTE * num_assignments + PADDED_ROWS_PER_CALL * sum(1 for c in counts if c)
+
+
+def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
+                  layout: str = "auto") -> DispatchPlan:
+    """Plan the expert buffer for ``[T, k]`` expert ids.
+
+    Args:
+        indices: ``[T, k]`` int64 expert ids.
+        num_experts: ``E``.
+        kept: optional ``[T, k]`` bool; False assignments are dropped (forces the sorted layout).
+        layout: ``"auto"``, ``"sorted"`` or ``"padded"``. Defaults to ``"auto"``.
+    """
+    check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
+    device = indices.device
     flat = indices.reshape(-1)
     if kept is not None:
         flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts))
     order = torch.sort(flat, stable=True).indices
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     bins = torch.bincount(flat, minlength=num_experts + 1)
-    counts = bins.tolist()  # the one host sync: slice sizes are needed on the host
-    return DispatchPlan(num_tokens=num_tokens, k=k, order=order, inverse=inverse, counts=counts[:num_experts],
-                        tokens_per_expert=bins[:num_experts], num_dropped=counts[num_experts])
+    all_counts = bins.tolist()  # the one host sync: buffer sizes are needed on the host
+    counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
+    tokens_per_expert = bins[:num_experts]
+    n = flat.numel()
+    if layout == "padded" and num_dropped:
+        raise ValueError("layout='padded' cannot hold dropped assignments; use layout='sorted' with a capacity")
+    padded = layout == "padded" or (layout == "auto" and not num_dropped and _use_padded(counts, n))
+    arange = torch.arange(n, device=device)
+    if not padded:
+        slot = torch.empty_like(order)
+        slot[order] = arange
+        row_token = torch.div(order, k, rounding_mode="floor")
+        if num_dropped:
+            row_token[n - num_dropped:] = num_tokens
+        return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, None, num_dropped)
+    capacity = max(counts, default=0)
+    expert_sorted = flat[order]
+    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+    slot_sorted = expert_sorted * capacity + (arange - starts[expert_sorted])
+    slot = torch.empty_like(order)
+    slot[order] = slot_sorted
+    row_token = torch.full((num_experts * capacity,), num_tokens, dtype=torch.long, device=device)
+    row_token[slot_sorted] = torch.div(order, k, rounding_mode="floor")
+    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, capacity, 0)
 
 
 class _DispatchTokens(torch.autograd.Function):
-    """``x [T, D] -> x[token_index] [N, D]``; backward sums the k copies via the inverse permutation."""
+    """``x [T, D] -> rows [R, D]`` (zero rows for padding); backward sums each token's k copies."""
 
     @staticmethod
-    def forward(ctx, x, order, inverse, k):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x, row_token, slot, k, has_empty_rows):
+        ctx.save_for_backward(slot)
         ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        if has_empty_rows:  # padding / dropped rows read an appended zero row
+            x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
+        return x.index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        grad_x = grad.index_select(0, inverse).view(inverse.numel() // ctx.k, ctx.k, grad.shape[-1]).sum(1)
-        return grad_x, None, None, None
+        (slot,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, slot).view(slot.numel() // ctx.k, ctx.k, grad.shape[-1]).sum(1)
+        return grad_x, None, None, None, None
 
 
 class _CombineTokens(torch.autograd.Function):
-    """``y_sorted [N, D], w [T, k] -> sum_j w[t, j] * y[t, j] [T, D]`` with gathers only."""
+    """``rows [R, D], w [T, k] -> sum_j w[t, j] * rows[slot[t, j]]  [T, D]``."""
 
     @staticmethod
-    def forward(ctx, y_sorted, weights, order, inverse):
+    def forward(ctx, rows, weights, slot, order):
         num_tokens, k = weights.shape
-        y = y_sorted.index_select(0, inverse).view(num_tokens, k, y_sorted.shape[-1])
+        y = rows.index_select(0, slot).view(num_tokens, k, rows.shape[-1])
         w = weights.to(y.dtype)
-        ctx.save_for_backward(y, w, order)
+        ctx.save_for_backward(y, w, slot, order)
+        ctx.num_rows = rows.shape[0]
         ctx.weights_dtype = weights.dtype
         return torch.bmm(w.unsqueeze(1), y).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad):
-        y, w, order = ctx.saved_tensors
+        y, w, slot, order = ctx.saved_tensors
         grad = grad.to(y.dtype)
-        grad_y_sorted = grad_w = None
+        grad_rows = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1])
-            grad_y_sorted = grad_y.index_select(0, order)
+            if order is not None and order.numel() == ctx.num_rows:  # rows are a permutation of assignments
+                grad_rows = grad_y.index_select(0, order)
+            else:  # padding rows get zero gradient
+                grad_rows = grad_y.new_zeros(ctx.num_rows, grad_y.shape[-1]).index_copy_(0, slot, grad_y)
         if ctx.needs_input_grad[1]:
             grad_w = torch.bmm(y, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
-        return grad_y_sorted, grad_w, None, None
+        return grad_rows, grad_w, None, None
 
 
 def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Permute tokens ``[T, D]`` into expert-sorted rows ``[T * k, D]``."""
-    return _DispatchTokens.apply(x, plan.order, plan.inverse, plan.k)
+    """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan``."""
+    has_empty_rows = plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
+    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows)
 
 
-def combine_tokens(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Weighted sum of each token's ``k`` expert outputs: ``[T * k, D], [T, k] -> [T, D]``."""
-    return _CombineTokens.apply(y_sorted, weights, plan.order, plan.inverse)
+def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``."""
+    order = plan.order if plan.num_dropped == 0 else None
+    return _CombineTokens.apply(rows, weights, plan.slot, order)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -181,21 +245,27 @@ class _GroupedMatmul(torch.autograd.Function):
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped GEMM over expert-sorted rows.
+                   bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None) -> torch.Tensor:
+    """Grouped GEMM over an expert buffer.
 
     Args:
-        x: ``[N, in]`` rows sorted by expert; rows past ``sum(counts)`` are outputs of zero.
+        x: ``[R, in]`` expert buffer: sorted layout (``counts[e]`` contiguous rows per expert, rows past
+            ``sum(counts)`` give zero output) or padded layout (``capacity`` rows per expert).
         weight: ``[E, in, out]`` stacked expert weights.
         counts: rows of each expert (host ints, length ``E``).
         bias: optional ``[E, out]``.
+        capacity: rows per expert of the padded layout; None for the sorted layout.
 
     Returns:
-        ``[N, out]``. Runs in the autocast dtype when autocast is on.
+        ``[R, out]``. Runs in the autocast dtype when autocast is on.
     """
     dtype = _autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if capacity is not None:
+            xb = x.view(weight.shape[0], capacity, x.shape[-1])
+            out = torch.bmm(xb, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), xb, weight)
+            return out.view(x.shape[0], weight.shape[-1])
         return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts)

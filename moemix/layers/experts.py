@@ -33,8 +33,9 @@ class GroupedExperts(nn.Module):
         drop: dropout after the activation and after the second layer (timm ``Mlp``). Defaults to 0.
 
     Shapes:
-        ``forward(x [N, D], counts)`` with rows sorted by expert and ``counts[e]`` rows for expert
-        ``e`` -> ``[N, out]``.
+        ``forward(x [R, D], counts, capacity=None) -> [R, out]`` on an expert buffer: rows sorted by
+        expert with ``counts[e]`` rows for expert ``e``, or, with ``capacity``, ``capacity`` rows per
+        expert (padded layout; see :mod:`moemix.layers.dispatch`).
     """
 
     def __init__(
@@ -104,14 +105,14 @@ class GroupedExperts(nn.Module):
             if self.b2 is not None:
                 self.b2[e].copy_(fc2.bias if fc2.bias is not None else torch.zeros_like(self.b2[e]))
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
-        h = grouped_matmul(x, self.w1, counts, self.b1)
+        h = grouped_matmul(x, self.w1, counts, self.b1, capacity)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
         h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2))
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity))

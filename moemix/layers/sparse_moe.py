@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moemix.layers._validate import check_choice, check_last_dim, check_nonnegative, check_positive_int
-from moemix.layers.dispatch import combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.dispatch import LAYOUTS, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.router import RoutingDecision, TopKRouter
 from moemix.losses import importance_load_loss, load_balance_loss, router_z_loss
@@ -54,6 +54,8 @@ class SparseMoE(nn.Module):
         shared_expert: None; ``"gated"`` adds ``sigmoid(g(x)) * shared(x)`` (Qwen2-MoE); ``"averaged"``
             returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
         shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
+        dispatch_layout: expert buffer layout, ``"auto"``, ``"sorted"`` or ``"padded"`` (see
+            :mod:`moemix.layers.dispatch`); the result is the same, only speed differs. Defaults to "auto".
 
     Shapes:
         ``[..., in_features] -> [..., out_features]``.
@@ -91,6 +93,7 @@ class SparseMoE(nn.Module):
         z_loss_coef: float = 1e-3,
         shared_expert: Optional[str] = None,
         shared_hidden_features: Optional[int] = None,
+        dispatch_layout: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -108,6 +111,8 @@ class SparseMoE(nn.Module):
         check_choice("shared_expert", shared_expert, SHARED_EXPERT_TYPES)
         check_nonnegative("aux_loss_coef", aux_loss_coef)
         check_nonnegative("z_loss_coef", z_loss_coef)
+        check_choice("dispatch_layout", dispatch_layout, LAYOUTS)
+        self.dispatch_layout = dispatch_layout
         dd = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -158,11 +163,11 @@ class SparseMoE(nn.Module):
     @torch.compiler.disable
     def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
         # Data-dependent slice sizes: run eagerly under torch.compile (one graph break).
-        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept)
-        y_sorted = self.experts(dispatch_tokens(tokens, plan), plan.counts)
+        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, self.dispatch_layout)
+        out_rows = self.experts(dispatch_tokens(tokens, plan), plan.counts, plan.capacity)
         self.tokens_per_expert = plan.tokens_per_expert.detach()
         self.dropped_tokens = plan.num_dropped
-        return combine_tokens(y_sorted, decision.weights, plan)
+        return combine_tokens(out_rows, decision.weights, plan)
 
     def _store_aux(self, decision: RoutingDecision) -> None:
         parts: Dict[str, torch.Tensor] = {}

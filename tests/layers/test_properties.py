@@ -10,8 +10,9 @@ from tests.layers._reference import reference_moe
        lead=st.sampled_from([(), (2,), (1, 3)]), glu=st.booleans())
 def test_sparse_moe_matches_reference_for_any_shape(tokens, experts, data, lead, glu):
     k = data.draw(st.integers(1, experts))
+    layout = data.draw(st.sampled_from(["sorted", "padded", "auto"]))
     torch.manual_seed(tokens * 131 + experts)
-    moe = SparseMoE(6, 5, 4, num_experts=experts, k=k, glu=glu).double()
+    moe = SparseMoE(6, 5, 4, num_experts=experts, k=k, glu=glu, dispatch_layout=layout).double()
     x = torch.randn(*lead, tokens, 6, dtype=torch.float64, requires_grad=True)
     y = moe(x)
     assert y.shape == (*lead, tokens, 4)
@@ -22,13 +23,24 @@ def test_sparse_moe_matches_reference_for_any_shape(tokens, experts, data, lead,
 
 
 @settings(max_examples=50, deadline=None)
-@given(tokens=st.integers(0, 30), experts=st.integers(1, 8), data=st.data())
-def test_plan_is_a_stable_sort_by_expert(tokens, experts, data):
+@given(tokens=st.integers(0, 30), experts=st.integers(1, 8), data=st.data(),
+       layout=st.sampled_from(["sorted", "padded", "auto"]))
+def test_plan_puts_every_assignment_in_its_experts_rows(tokens, experts, data, layout):
     k = data.draw(st.integers(1, experts))
-    indices = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]) if tokens else torch.zeros(0, k, dtype=torch.long)
-    plan = plan_dispatch(indices, experts)
+    indices = (torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]) if tokens
+               else torch.zeros(0, k, dtype=torch.long))
+    plan = plan_dispatch(indices, experts, layout=layout)
     flat = indices.reshape(-1)
-    sorted_ids = flat[plan.order]
-    assert torch.all(sorted_ids[1:] >= sorted_ids[:-1])
-    assert torch.equal(plan.order[plan.inverse], torch.arange(flat.numel()))
-    assert plan.counts == torch.bincount(flat, minlength=experts).tolist()
+    counts = torch.bincount(flat, minlength=experts)
+    assert plan.counts == counts.tolist()
+    assert len(set(plan.slot.tolist())) == flat.numel()  # distinct rows
+    if plan.layout == "padded":
+        assert plan.num_rows == experts * max(plan.counts, default=0)
+        owner = plan.slot // max(plan.capacity, 1)
+    else:
+        assert plan.num_rows == flat.numel()
+        starts = torch.cumsum(counts, 0) - counts
+        owner = torch.searchsorted(starts + counts, plan.slot, right=True)
+        assert torch.all(flat[plan.order][1:] >= flat[plan.order][:-1])  # stable sort by expert
+    assert torch.equal(owner, flat)
+    assert torch.equal(plan.row_token[plan.slot], torch.arange(flat.numel()) // k)

@@ -25,6 +25,9 @@ def _grads(module, x, fn):
 
 @pytest.mark.parametrize("kw", [
     dict(),
+    dict(dispatch_layout="sorted"),
+    dict(dispatch_layout="padded"),
+    dict(dispatch_layout="padded", glu=True, bias=False),
     dict(glu=True, act_layer="silu", bias=False),
     dict(score="sigmoid", renormalize=False),
     dict(score="cosine"),
