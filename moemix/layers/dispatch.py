@@ -9,10 +9,10 @@ The ``N = T * k`` (token, expert) assignments are sorted by expert id once and c
   as one batched GEMM. Pays for padding, saves the per-expert calls; wins for balanced routing and
   small batches (see ``docs/results/moe_layer.md``).
 
-``"auto"`` picks by the padding fraction. All data movement is a row gather: the backward of the
-dispatch is a gather by each assignment's row followed by a sum over the k copies, the backward of the
-combine a gather (sorted) or a copy into distinct rows (padded); no scatter-add accumulates anywhere.
-There is one host sync (the per-expert counts) per call.
+``"auto"`` picks by the padding fraction. Data movement is one row gather into the buffer; the
+combine and the dispatch backward are gather-reduces (``embedding_bag`` with per-sample weights), so
+the ``[T*k, D]`` per-assignment copies are materialised only where a GEMM needs them. There is one host
+sync (the per-expert counts) per call.
 
     x [T, D] --dispatch_tokens--> rows [R, D] --experts--> out_rows [R, D'] --combine_tokens(w)--> [T, D']
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from moemix.layers._validate import check_choice
 
@@ -135,37 +136,9 @@ class _DispatchTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (slot,) = ctx.saved_tensors
-        grad_x = grad.index_select(0, slot).view(slot.numel() // ctx.k, ctx.k, grad.shape[-1]).sum(1)
+        # grad_x[t] = sum_j grad[slot[t, j]]: a gather-reduce that never materialises [T*k, D]
+        grad_x = F.embedding_bag(slot.view(-1, ctx.k), grad, mode="sum")
         return grad_x, None, None, None, None
-
-
-class _CombineTokens(torch.autograd.Function):
-    """``rows [R, D], w [T, k] -> sum_j w[t, j] * rows[slot[t, j]]  [T, D]``."""
-
-    @staticmethod
-    def forward(ctx, rows, weights, slot, order):
-        num_tokens, k = weights.shape
-        y = rows.index_select(0, slot).view(num_tokens, k, rows.shape[-1])
-        w = weights.to(y.dtype)
-        ctx.save_for_backward(y, w, slot, order)
-        ctx.num_rows = rows.shape[0]
-        ctx.weights_dtype = weights.dtype
-        return torch.bmm(w.unsqueeze(1), y).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, w, slot, order = ctx.saved_tensors
-        grad = grad.to(y.dtype)
-        grad_rows = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_y = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1])
-            if order is not None and order.numel() == ctx.num_rows:  # rows are a permutation of assignments
-                grad_rows = grad_y.index_select(0, order)
-            else:  # padding rows get zero gradient
-                grad_rows = grad_y.new_zeros(ctx.num_rows, grad_y.shape[-1]).index_copy_(0, slot, grad_y)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(y, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
-        return grad_rows, grad_w, None, None
 
 
 def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -175,9 +148,14 @@ def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``."""
-    order = plan.order if plan.num_dropped == 0 else None
-    return _CombineTokens.apply(rows, weights, plan.slot, order)
+    """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``.
+
+    ``y[t] = sum_j weights[t, j] * rows[slot[t, j]]`` as one ``embedding_bag`` gather-reduce, so the
+    ``[T*k, D]`` per-assignment outputs are never materialised; its backward gives the row gradients
+    and the weight gradients (dot products) directly.
+    """
+    bags = plan.slot.view(plan.num_tokens, plan.k)
+    return F.embedding_bag(bags, rows, mode="sum", per_sample_weights=weights.to(rows.dtype))
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:

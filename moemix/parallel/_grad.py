@@ -39,14 +39,14 @@ def regroup_plan(recv_counts: List[List[int]], device: torch.device) -> Dispatch
     rows = sum(flat)
     local_ids = torch.arange(num_local, device=device).repeat(len(recv_counts))
     local_ids = torch.repeat_interleave(local_ids, torch.tensor(flat, device=device), output_size=rows)
-    order = torch.sort(local_ids, stable=True).indices
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(rows, device=device)
+    order = torch.sort(local_ids, stable=True).indices  # received row held by each regrouped row
+    slot = torch.empty_like(order)  # regrouped row of each received row
+    slot[order] = torch.arange(rows, device=device)
     counts = [sum(row[l] for row in recv_counts) for l in range(num_local)]
-    return DispatchPlan(num_tokens=rows, k=1, order=order, inverse=inverse, counts=counts,
+    return DispatchPlan(num_tokens=rows, k=1, slot=slot, row_token=order, order=order, counts=counts,
                         tokens_per_expert=torch.tensor(counts, device=device))
 
 
 def inverse_plan(plan: DispatchPlan) -> DispatchPlan:
     """The ``k = 1`` plan that puts rows permuted by ``plan`` back in their original order."""
-    return dataclasses.replace(plan, order=plan.inverse, inverse=plan.order)
+    return dataclasses.replace(plan, slot=plan.row_token, row_token=plan.slot, order=plan.slot)

@@ -71,7 +71,8 @@ class ExpertParallelMoE(SparseMoE):
     ``local_tokens_per_expert`` (``[E / W]``, rows this rank's experts processed, from all ranks).
 
     Args:
-        in_features ... shared_hidden_features: as :class:`~moemix.layers.SparseMoE`.
+        in_features ... shared_hidden_features: as :class:`~moemix.layers.SparseMoE` (all its keywords
+            are accepted). ``dispatch_layout`` has no effect: the all-to-all needs the sorted layout.
         group: process group the experts are sharded over. Defaults to the default (world) group.
         expert_grad_scale: factor applied to the gradients of the local expert parameters. The local
             experts receive the *sum* over ranks of the gradients of each rank's loss, while DDP *averages*
@@ -159,7 +160,8 @@ class ExpertParallelMoE(SparseMoE):
 
     @torch.compiler.disable
     def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept)
+        # Sorted layout: each destination rank's rows must be one contiguous, unpadded block.
+        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
         self.tokens_per_expert = plan.tokens_per_expert.detach()
         self.dropped_tokens = plan.num_dropped
         x_sorted = dispatch_tokens(tokens, plan)

@@ -153,12 +153,16 @@ def mix_per_sample(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, boxes
         mask = boxes_to_mask(boxes, sizes, device=x.device) & use_box.to(x.device).view(-1, *([1] * len(sizes)))
         view = [x.shape[0]] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
         return torch.where(mask.reshape(view), x[perm.to(x.device)], out)
-    out = torch.empty_like(x)
-    for i, (j, li, ub, row) in enumerate(zip(perm.tolist(), lam.tolist(), use_box.tolist(), boxes.tolist())):
+    rows = list(zip(perm.tolist(), lam.tolist(), use_box.tolist(), boxes.tolist()))
+    only_boxes = all(ub or j == i or li == 1.0 for j, li, ub, _ in rows)
+    out = x.clone() if only_boxes else torch.empty_like(x)  # one bulk copy beats B row copies
+    for i, (j, li, ub, row) in enumerate(rows):
         if j == i or (not ub and li == 1.0):
-            out[i].copy_(x[i])
+            if not only_boxes:
+                out[i].copy_(x[i])
         elif ub:
-            out[i].copy_(x[i])
+            if not only_boxes:
+                out[i].copy_(x[i])
             sl = [slice(None)] * (x.dim() - 1)
             for k, d in enumerate(dims):
                 sl[d - 1] = slice(row[2 * k], row[2 * k + 1])
