@@ -50,6 +50,7 @@ class DispatchPlan:
         order: ``[R]`` flat assignment held by each row (sorted layout only, else None).
         counts: per-expert assignment counts (host ints, length ``E``).
         tokens_per_expert: the same counts as an ``[E]`` int64 tensor.
+        row_assignment: ``[R]`` flat assignment held by each row; ``N`` for padding / dropped rows.
         capacity: rows per expert ``C`` in the padded layout, None in the sorted layout.
         num_dropped: assignments dropped by a capacity limit (their rows trail the last expert).
     """
@@ -61,6 +62,7 @@ class DispatchPlan:
     order: Optional[torch.Tensor]
     counts: List[int]
     tokens_per_expert: torch.Tensor
+    row_assignment: torch.Tensor
     capacity: Optional[int] = None
     num_dropped: int = 0
 
@@ -94,7 +96,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     flat = indices.reshape(-1)
     if kept is not None:
         flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts))
-    order = torch.sort(flat, stable=True).indices
+    # Float keys: CPU integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
+    order = torch.sort(flat.float() if num_experts < 2 ** 24 else flat, stable=True).indices
     bins = torch.bincount(flat, minlength=num_experts + 1)
     all_counts = bins.tolist()  # the one host sync: buffer sizes are needed on the host
     counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
@@ -108,9 +111,12 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         slot = torch.empty_like(order)
         slot[order] = arange
         row_token = torch.div(order, k, rounding_mode="floor")
+        row_assignment = order.clone()
         if num_dropped:
             row_token[n - num_dropped:] = num_tokens
-        return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, None, num_dropped)
+            row_assignment[n - num_dropped:] = n
+        return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, row_assignment,
+                            None, num_dropped)
     capacity = max(counts, default=0)
     expert_sorted = flat[order]
     starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
@@ -119,7 +125,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     slot[order] = slot_sorted
     row_token = torch.full((num_experts * capacity,), num_tokens, dtype=torch.long, device=device)
     row_token[slot_sorted] = torch.div(order, k, rounding_mode="floor")
-    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, capacity, 0)
+    row_assignment = torch.full((num_experts * capacity,), n, dtype=torch.long, device=device)
+    row_assignment[slot_sorted] = order
+    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, row_assignment, capacity, 0)
 
 
 class _DispatchTokens(torch.autograd.Function):
@@ -147,15 +155,50 @@ def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows)
 
 
+class _CombineTokens(torch.autograd.Function):
+    """``rows [R, D], w [T, k] -> y[t] = sum_j w[t, j] * rows[slot[t, j]]``, gather-reduces only."""
+
+    @staticmethod
+    def forward(ctx, rows, weights, slot, row_token, row_weight_index):
+        num_tokens, k = weights.shape
+        w = weights.to(rows.dtype)
+        ctx.save_for_backward(rows, w, slot, row_token, row_weight_index)
+        ctx.weights_dtype = weights.dtype
+        return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
+        grad = grad.to(rows.dtype).contiguous()
+        if grad.shape[0] == 0:
+            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None
+        # grad of row r is grad[token of r] (unweighted first, for the weight gradient)
+        safe_token = row_token.clamp(max=grad.shape[0] - 1).view(-1, 1)
+        grad_rows = F.embedding_bag(safe_token, grad, mode="sum")
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            dots = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
+            for start in range(0, rows.shape[0], _CHUNK_ROWS):  # chunked: no [R, D] temporary
+                stop = start + _CHUNK_ROWS
+                torch.sum(rows[start:stop] * grad_rows[start:stop], dim=-1, out=dots[start:stop])
+            grad_w = dots.index_select(0, slot).view_as(w).to(ctx.weights_dtype)
+        # padding rows point at the appended zero weight, so their gradient is zero
+        row_w = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, row_weight_index)
+        grad_rows.mul_(row_w.unsqueeze(-1))
+        return grad_rows, grad_w, None, None, None
+
+
+_CHUNK_ROWS = 4096
+
+
 def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``.
 
     ``y[t] = sum_j weights[t, j] * rows[slot[t, j]]`` as one ``embedding_bag`` gather-reduce, so the
-    ``[T*k, D]`` per-assignment outputs are never materialised; its backward gives the row gradients
-    and the weight gradients (dot products) directly.
+    ``[T*k, D]`` per-assignment outputs are never materialised. The backward gathers the output
+    gradient once per row and takes the weight gradients as row-wise dot products.
     """
-    bags = plan.slot.view(plan.num_tokens, plan.k)
-    return F.embedding_bag(bags, rows, mode="sum", per_sample_weights=weights.to(rows.dtype))
+    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -25,7 +25,7 @@ from moemix.layers.dispatch import combine_tokens, dispatch_tokens, plan_dispatc
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.router import RoutingDecision
 from moemix.layers.sparse_moe import SparseMoE
-from moemix.parallel._grad import inverse_plan, regroup_plan, scale_grad
+from moemix.parallel._grad import permute_rows, regroup_permutation, scale_grad
 from moemix.parallel.all_to_all import all_to_all, exchange_counts
 
 __all__ = ["ExpertParallelMoE"]
@@ -179,13 +179,16 @@ class ExpertParallelMoE(SparseMoE):
         input_splits = [sum(send_host[r * local:(r + 1) * local]) for r in range(world)]
         output_splits = [sum(row) for row in recv_counts]
         x_recv = all_to_all(x, output_splits, input_splits, self.group)
-        regroup = regroup_plan(recv_counts, x.device)
-        self.local_tokens_per_expert = regroup.tokens_per_expert
-        needs_regroup = world > 1 and local > 1
-        x_local = dispatch_tokens(x_recv, regroup) if needs_regroup else x_recv
+        local_counts = [sum(row[l] for row in recv_counts) for l in range(local)]
+        self.local_tokens_per_expert = torch.tensor(local_counts, device=x.device)
+        regroup = world > 1 and local > 1  # otherwise arrival order is already by local expert
+        if regroup:
+            index, inverse = regroup_permutation(recv_counts, x.device)
+            x_recv = permute_rows(x_recv, index, inverse)
         # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
         # gradient flowing back to the tokens.
         s = self.expert_grad_scale
-        y_local = scale_grad(self.experts(scale_grad(x_local, 1.0 / s), regroup.counts), s)
-        y_recv = dispatch_tokens(y_local, inverse_plan(regroup)) if needs_regroup else y_local
+        y_recv = scale_grad(self.experts(scale_grad(x_recv, 1.0 / s), local_counts), s)
+        if regroup:
+            y_recv = permute_rows(y_recv, inverse, index)
         return all_to_all(y_recv, input_splits, output_splits, self.group)

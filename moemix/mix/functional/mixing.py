@@ -154,7 +154,7 @@ def mix_per_sample(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, boxes
         view = [x.shape[0]] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
         return torch.where(mask.reshape(view), x[perm.to(x.device)], out)
     rows = list(zip(perm.tolist(), lam.tolist(), use_box.tolist(), boxes.tolist()))
-    only_boxes = all(ub or j == i or li == 1.0 for j, li, ub, _ in rows)
+    only_boxes = all(ub or j == i or li == 1.0 for i, (j, li, ub, _) in enumerate(rows))
     out = x.clone() if only_boxes else torch.empty_like(x)  # one bulk copy beats B row copies
     for i, (j, li, ub, row) in enumerate(rows):
         if j == i or (not ub and li == 1.0):
