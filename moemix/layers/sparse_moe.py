@@ -137,6 +137,13 @@ class SparseMoE(nn.Module):
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self.dropped_tokens: int = 0
 
+    def __getstate__(self):
+        # Per-forward state is not part of the module: aux_loss may hold an autograd graph, which
+        # copy.deepcopy (EMA, checkpoint averaging) and pickling cannot take.
+        state = super().__getstate__().copy()
+        state.update(aux_loss=None, aux_losses={})
+        return state
+
     @property
     def num_experts(self) -> int:
         return self.router.num_experts

@@ -178,3 +178,14 @@ def test_dropout_only_in_training():
     moe = SparseMoE(16, 8, num_experts=4, drop=0.5).eval()
     x = torch.randn(5, 16)
     torch.testing.assert_close(moe(x), moe(x))
+
+
+def test_deepcopy_and_pickle_after_a_training_forward():
+    import copy
+    import pickle
+    moe = SparseMoE(16, 8, num_experts=4)
+    moe(torch.randn(5, 16))
+    assert moe.aux_loss.requires_grad
+    for clone in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
+        assert clone.aux_loss is None
+        torch.testing.assert_close(clone(torch.ones(2, 16)), moe(torch.ones(2, 16)))

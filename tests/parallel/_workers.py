@@ -1,0 +1,184 @@
+"""Code run inside the spawned gloo processes; each rank saves a dict of measured errors.
+
+The reference is the single-process ``SparseMoE`` applied to every rank's tokens, with the loss summed
+over ranks. With DDP semantics (replicated gradients averaged over ``W`` ranks) the expert-parallel
+gradients must equal: input grads = reference; replicated grads = reference / W; local expert grads =
+``expert_grad_scale`` * reference slice.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from moemix.layers import SparseMoE
+from moemix.losses import collect_aux_loss
+from moemix.parallel import ExpertParallelMoE, all_to_all, distribute_experts, named_expert_parameters
+
+D, H = 8, 16
+
+# shapes: per-rank leading shape of the input tokens.
+CASES = {
+    "uneven_tokens": dict(kwargs=dict(num_experts=4, k=2), shapes=((7,), (3,))),
+    "one_local_expert": dict(kwargs=dict(num_experts=2, k=1), shapes=((5,), (6,))),
+    "many_local_experts": dict(kwargs=dict(num_experts=8, k=3, act_layer="silu", out_features=5),
+                               shapes=((10,), (7,))),
+    "skewed_routing": dict(kwargs=dict(num_experts=4, k=2), shapes=((6,), (6,)), skew=True),
+    "idle_rank": dict(kwargs=dict(num_experts=4, k=2), shapes=((4,), (5,)), skew="all"),
+    "empty_rank": dict(kwargs=dict(num_experts=4, k=2), shapes=((5,), (0,))),
+    "glu_shared_capacity": dict(kwargs=dict(num_experts=4, k=2, glu=True, shared_expert="gated",
+                                            capacity_factor=0.5, aux_loss="importance"), shapes=((9,), (4,))),
+    "batched_input": dict(kwargs=dict(num_experts=4, k=2, shared_expert="averaged"), shapes=((2, 3), (1, 4))),
+    "sum_grad_scale": dict(kwargs=dict(num_experts=4, k=2), shapes=((6,), (5,)), expert_grad_scale=1.0),
+}
+
+
+def _max_diff(a, b) -> float:
+    if a is None and b is None:
+        return 0.0
+    a = torch.zeros_like(b) if a is None else a
+    b = torch.zeros_like(a) if b is None else b
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def _make_data(shapes, out_features, skew):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(*shape, D, generator=gen) for shape in shapes]
+    grads = [torch.randn(*shape, out_features, generator=gen) for shape in shapes]
+    for r in range(len(xs) if skew == "all" else 1 if skew else 0):
+        # these tokens point at experts 0 and 1 only: nothing goes to rank 1's experts
+        xs[r] = 0.01 * xs[r]
+        xs[r][:, :2] = 1.0 + xs[r][:, :2].abs()
+    return xs, grads
+
+
+def run_case(rank: int, world_size: int, case: dict) -> dict:
+    kwargs, scale = case["kwargs"], case.get("expert_grad_scale")
+    torch.manual_seed(0)
+    ref = SparseMoE(D, H, **kwargs)
+    if case.get("skew"):
+        with torch.no_grad():
+            ref.router.weight.copy_(5 * torch.eye(ref.num_experts, D))
+    ep = ExpertParallelMoE.from_sparse_moe(ref, expert_grad_scale=scale)
+    xs, grads = _make_data(case["shapes"], ref.out_features, case.get("skew"))
+
+    x = xs[rank].clone().requires_grad_()
+    y = ep(x)
+    ((y * grads[rank]).sum() + ep.aux_loss).backward()
+    expert_names = {name for name, _ in named_expert_parameters(ep)}
+    for name, param in ep.named_parameters():  # what DDP does to replicated gradients
+        if name not in expert_names and param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
+
+    x_refs = [xr.clone().requires_grad_() for xr in xs]
+    total = 0.0
+    for r, (xr, g) in enumerate(zip(x_refs, grads)):
+        yr = ref(xr)
+        total = total + (yr * g).sum() + ref.aux_loss
+        if r == rank:
+            y_ref, aux_ref = yr.detach(), ref.aux_loss.detach()
+            tpe_ref, dropped_ref = ref.tokens_per_expert.clone(), ref.dropped_tokens
+    total.backward()
+
+    scale = 1.0 / world_size if scale is None else scale
+    ref_params = dict(ref.named_parameters())
+    local = ep.local_expert_range
+    expert_err = max(_max_diff(p.grad, scale * ref_params[n].grad[local.start:local.stop])
+                     for n, p in ep.named_parameters() if n in expert_names)
+    replicated_err = max(_max_diff(p.grad, None if ref_params[n].grad is None else ref_params[n].grad / world_size)
+                         for n, p in ep.named_parameters() if n not in expert_names)
+    return {
+        "output": _max_diff(y.detach(), y_ref), "shape_ok": y.shape == xs[rank].shape[:-1] + (ref.out_features,),
+        "input_grad": _max_diff(x.grad, x_refs[rank].grad), "aux_loss": _max_diff(ep.aux_loss.detach(), aux_ref),
+        "replicated_grad": replicated_err, "expert_grad": expert_err,
+        "tokens_per_expert": ep.tokens_per_expert.tolist(), "tokens_per_expert_ref": tpe_ref.tolist(),
+        "dropped": (ep.dropped_tokens, dropped_ref), "local_tokens_per_expert": ep.local_tokens_per_expert.tolist(),
+        "expert_grad_norm": sum(p.grad.abs().sum().item() for n, p in ep.named_parameters() if n in expert_names),
+    }
+
+
+def _tiny_model(num_experts=4):
+    return nn.Sequential(nn.Linear(D, D), SparseMoE(D, H, num_experts=num_experts, k=2), nn.Linear(D, 3))
+
+
+def ddp_training(rank: int, world_size: int, steps: int = 2) -> dict:
+    """Two SGD steps under torch DDP equal two steps of the single-process model on the mean loss."""
+    torch.manual_seed(0)
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    replaced = distribute_experts(model)
+    ddp = DistributedDataParallel(model)
+    opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        xs = [torch.randn(6, D, generator=gen) for _ in range(world_size)]
+        ts = [torch.randn(6, 3, generator=gen) for _ in range(world_size)]
+        opt.zero_grad()
+        (F.mse_loss(ddp(xs[rank]), ts[rank]) + collect_aux_loss(model)).backward()
+        opt.step()
+        opt_ref.zero_grad()
+        loss_ref = sum(F.mse_loss(ref(x), t) + collect_aux_loss(ref) for x, t in zip(xs, ts)) / world_size
+        loss_ref.backward()
+        opt_ref.step()
+    ep = model[1]
+    local = ep.local_expert_range
+    ref_params = dict(ref.named_parameters())
+    expert_names = {name for name, _ in named_expert_parameters(model)}
+    err = {"replaced": replaced, "ignored": sorted(model._ddp_params_and_buffers_to_ignore)}
+    err["replicated"] = max(_max_diff(p.detach(), ref_params[n].detach())
+                            for n, p in model.named_parameters() if n not in expert_names)
+    err["experts"] = max(_max_diff(p.detach(), ref_params[n].detach()[local.start:local.stop])
+                         for n, p in model.named_parameters() if n in expert_names)
+    return err
+
+
+def constructor(rank: int, world_size: int) -> dict:
+    """Same seed: ExpertParallelMoE(...) is this rank's slice of SparseMoE(...) and uses the RNG alike."""
+    kwargs = dict(num_experts=4, k=2, glu=True, shared_expert="gated")
+    torch.manual_seed(3)
+    ref = SparseMoE(D, H, **kwargs)
+    after_ref = torch.rand(3)
+    torch.manual_seed(3)
+    ep = ExpertParallelMoE(D, H, **kwargs)
+    after_ep = torch.rand(3)
+    local = ep.local_expert_range
+    ref_params = dict(ref.named_parameters())
+    expert_names = {name for name, _ in named_expert_parameters(ep)}
+    diff = max(_max_diff(p.detach(), ref_params[n].detach()[local.start:local.stop] if n in expert_names
+                         else ref_params[n].detach()) for n, p in ep.named_parameters())
+    return {"param_diff": diff, "rng_diff": _max_diff(after_ep, after_ref), "local": list(local),
+            "w1_shape": tuple(ep.experts.w1.shape), "num_experts": ep.num_experts}
+
+
+def _message(fn) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def errors(rank: int, world_size: int) -> dict:
+    ep = ExpertParallelMoE(D, H, num_experts=4)
+    return {
+        "indivisible": _message(lambda: ExpertParallelMoE(D, H, num_experts=3)),
+        "bad_grad_scale": _message(lambda: ExpertParallelMoE(D, H, num_experts=4, expert_grad_scale=0.0)),
+        "already_parallel": _message(lambda: ExpertParallelMoE.from_sparse_moe(ep)),
+        "bad_splits": _message(lambda: all_to_all(torch.zeros(3, 2), [1, 2, 0], [3])),
+        "bad_rows": _message(lambda: all_to_all(torch.zeros(3, 2), [1, 2], [1, 1])),
+        "wrong_last_dim": _message(lambda: ep(torch.zeros(2, D + 1))),
+    }
+
+
+def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
+    results = {name: run_case(rank, world_size, case) for name, case in CASES.items()}
+    results["ddp_training"] = ddp_training(rank, world_size)
+    results["constructor"] = constructor(rank, world_size)
+    results["errors"] = errors(rank, world_size)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -1,0 +1,129 @@
+"""ExpertParallelMoE on 2 gloo processes equals the single-process SparseMoE (outputs and gradients).
+
+One spawn runs every case (tests/parallel/_workers.py) and each test below checks one behaviour.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moemix.parallel import ExpertParallelMoE
+from tests.parallel._dist import run_distributed
+from tests.parallel._workers import CASES, equivalence_worker
+
+WORLD_SIZE = 2
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("expert_parallel")
+    run_distributed(equivalence_worker, WORLD_SIZE, str(out_dir), timeout=120)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+cases = pytest.mark.parametrize("case", sorted(CASES))
+ranks = pytest.mark.parametrize("rank", range(WORLD_SIZE))
+
+
+@cases
+@ranks
+def test_output_equals_single_process(results, case, rank):
+    res = results[rank][case]
+    assert res["shape_ok"]
+    assert res["output"] < TOL
+
+
+@cases
+@ranks
+def test_input_gradient_equals_single_process(results, case, rank):
+    assert results[rank][case]["input_grad"] < TOL
+
+
+@cases
+@ranks
+def test_replicated_gradient_after_ddp_average_equals_mean_loss_gradient(results, case, rank):
+    assert results[rank][case]["replicated_grad"] < TOL
+
+
+@cases
+@ranks
+def test_local_expert_gradient_equals_scaled_single_process_slice(results, case, rank):
+    res = results[rank][case]
+    assert res["expert_grad"] < TOL
+    if sum(res["local_tokens_per_expert"]):
+        assert res["expert_grad_norm"] > 0  # the comparison is not vacuous
+
+
+@cases
+@ranks
+def test_aux_loss_and_routing_statistics_match_single_process(results, case, rank):
+    res = results[rank][case]
+    assert res["aux_loss"] < TOL
+    assert res["tokens_per_expert"] == res["tokens_per_expert_ref"]
+    assert res["dropped"][0] == res["dropped"][1]
+
+
+@cases
+def test_local_tokens_per_expert_counts_rows_from_all_ranks(results, case):
+    for rank in range(WORLD_SIZE):
+        local = results[rank][case]["local_tokens_per_expert"]
+        per_rank = [results[r][case]["tokens_per_expert"] for r in range(WORLD_SIZE)]
+        width = len(local)
+        expected = [sum(counts[rank * width + l] for counts in per_rank) for l in range(width)]
+        assert local == expected
+
+
+def test_skewed_case_sends_no_tokens_to_the_other_rank(results):
+    assert results[0]["skewed_routing"]["tokens_per_expert"][2:] == [0, 0]
+
+
+def test_idle_rank_case_gives_rank_1_no_rows(results):
+    assert results[1]["idle_rank"]["local_tokens_per_expert"] == [0, 0]
+
+
+def test_empty_rank_case_has_no_tokens_on_rank_1(results):
+    assert sum(results[1]["empty_rank"]["tokens_per_expert"]) == 0
+    assert sum(results[1]["empty_rank"]["local_tokens_per_expert"]) > 0  # it still serves rank 0
+
+
+def test_capacity_case_drops_tokens(results):
+    assert all(results[r]["glu_shared_capacity"]["dropped"][0] > 0 for r in range(WORLD_SIZE))
+
+
+@ranks
+def test_ddp_training_matches_single_process_sgd(results, rank):
+    res = results[rank]["ddp_training"]
+    assert res["replaced"] == 1
+    assert res["ignored"] == ["1.experts.b1", "1.experts.b2", "1.experts.w1", "1.experts.w2"]
+    assert res["replicated"] < TOL
+    assert res["experts"] < TOL
+
+
+@ranks
+def test_constructor_builds_this_ranks_slice_of_the_seeded_sparse_moe(results, rank):
+    res = results[rank]["constructor"]
+    assert res["local"] == [2 * rank, 2 * rank + 1]
+    assert res["w1_shape"] == (2, 8, 32) and res["num_experts"] == 4
+    assert res["param_diff"] == 0.0
+    assert res["rng_diff"] == 0.0
+
+
+@pytest.mark.parametrize("check, message", [
+    ("indivisible", "ValueError: num_experts (3) must be divisible"),
+    ("bad_grad_scale", "ValueError: expert_grad_scale"),
+    ("already_parallel", "ValueError: moe must be a SparseMoE"),
+    ("bad_splits", "ValueError: output_splits"),
+    ("bad_rows", "ValueError: x must have sum(input_splits)=2 rows"),
+    ("wrong_last_dim", "ValueError: ExpertParallelMoE expected input of shape [..., 8]"),
+])
+def test_bad_arguments_raise_value_errors(results, check, message):
+    for rank in range(WORLD_SIZE):
+        assert results[rank]["errors"][check].startswith(message)
+
+
+def test_requires_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoE(8, 16, num_experts=4)
