@@ -7,9 +7,10 @@ Mixed dims: the dims a box or mask covers. By default ``[B, C, H, W]`` and ``[B,
 two (``H, W``; video boxes are tubes through time), ``[B, T, D]`` sequences and ``[B, L]`` waveforms use
 dim 1 (spans of tokens or samples).
 
-On CPU the per-sample work is done row by row into one preallocated output: that reads each input once and
-writes the output once, which beats both a gathered ``x[perm]`` copy and timm's in-place chain (memory
-traffic decides at 3x224x224, see ``benchmarks/mix.py``). On accelerators it is one vectorised kernel.
+Implementation (chosen by ``benchmarks/mix.py``): interpolation is three large kernels into one new buffer
+(gather partners, scale, add the weighted own sample), for scalar and per-sample lambda alike; CutMix copies
+the input once and pastes only the box regions (one gathered slice per batch, or one slice per sample).
+Python row loops of full-size ops lose badly on a shared CPU, where every op pays a thread-pool barrier.
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def _row_loop(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def _view(x: torch.Tensor, dims: Sequence[int]) -> list[int]:
+    return [x.shape[0]] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
+
+
 def mix(x: torch.Tensor, lam: torch.Tensor | float | None, perm: torch.Tensor, mask: torch.Tensor | None = None,
         *, dims: Sequence[int] | None = None) -> torch.Tensor:
     """Mix every sample with its partner ``x[perm[i]]``; the input is never modified.
@@ -54,37 +59,26 @@ def mix(x: torch.Tensor, lam: torch.Tensor | float | None, perm: torch.Tensor, m
         a new tensor shaped like ``x``.
     """
     b = x.shape[0]
-    idx = perm.tolist() if _row_loop(x) else perm.to(x.device)
+    idx = perm.to(x.device)
     if mask is not None:
         dims = _norm_dims(x, dims)
         sizes = [x.shape[d] for d in dims]
         if mask.dim() == len(dims):
             mask = mask.unsqueeze(0).expand(b, *sizes)
-        view = [b] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
-        mask = mask.to(x.device).reshape(view)
-        if not _row_loop(x):
-            return torch.where(mask, x[idx], x)
-        out = torch.empty_like(x)
-        for i, j in enumerate(idx):
-            torch.where(mask[i], x[j], x[i], out=out[i])
-        return out
+        return torch.where(mask.to(x.device).reshape(_view(x, dims)), x.index_select(0, idx), x)
     if lam is None:
         raise ValueError("lam must be given when mask is None")
-    lam_t = torch.as_tensor(lam, dtype=torch.float32)
-    if lam_t.dim() == 0:
-        lam_t = lam_t.expand(b)
+    # few large kernels, all in the one new buffer: gather the partners, scale them, add the weighted own
+    # sample. Row loops lose badly when the CPU is shared (every op pays a thread-pool barrier).
+    out = x.index_select(0, idx)
+    if isinstance(lam, (int, float)) or (isinstance(lam, torch.Tensor) and lam.dim() == 0):
+        lam_f = float(lam)
+        return out.mul_(1.0 - lam_f).add_(x, alpha=lam_f)
+    lam_t = torch.as_tensor(lam)
     if lam_t.numel() != b:
         raise ValueError(f"lam must be a scalar or have shape [B]=[{b}], got shape {tuple(lam_t.shape)}")
-    if not _row_loop(x):
-        w = lam_t.to(device=x.device, dtype=x.dtype).view(b, *([1] * (x.dim() - 1)))
-        return torch.lerp(x[idx], x, w)
-    out = torch.empty_like(x)
-    for i, (j, li) in enumerate(zip(idx, lam_t.tolist())):
-        if j == i or li == 1.0:
-            out[i].copy_(x[i])
-        else:
-            torch.lerp(x[j], x[i], li, out=out[i])
-    return out
+    w = lam_t.to(device=x.device, dtype=x.dtype).view(b, *([1] * (x.dim() - 1)))
+    return out.mul_(1.0 - w).addcmul_(x, w)
 
 
 def mix_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor, *,
@@ -153,20 +147,14 @@ def mix_per_sample(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, boxes
         mask = boxes_to_mask(boxes, sizes, device=x.device) & use_box.to(x.device).view(-1, *([1] * len(sizes)))
         view = [x.shape[0]] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
         return torch.where(mask.reshape(view), x[perm.to(x.device)], out)
-    rows = list(zip(perm.tolist(), lam.tolist(), use_box.tolist(), boxes.tolist()))
-    only_boxes = all(ub or j == i or li == 1.0 for i, (j, li, ub, _) in enumerate(rows))
-    out = x.clone() if only_boxes else torch.empty_like(x)  # one bulk copy beats B row copies
-    for i, (j, li, ub, row) in enumerate(rows):
-        if j == i or (not ub and li == 1.0):
-            if not only_boxes:
-                out[i].copy_(x[i])
-        elif ub:
-            if not only_boxes:
-                out[i].copy_(x[i])
-            sl = [slice(None)] * (x.dim() - 1)
-            for k, d in enumerate(dims):
-                sl[d - 1] = slice(row[2 * k], row[2 * k + 1])
-            out[i][tuple(sl)] = x[j][tuple(sl)]
-        else:
-            torch.lerp(x[j], x[i], li, out=out[i])
+    rows = [(i, j, row) for i, (j, ub, row) in enumerate(zip(perm.tolist(), use_box.tolist(), boxes.tolist()))
+            if ub and i != j]
+    interp = (~use_box) & (lam < 1) & (perm != torch.arange(perm.numel()))
+    # box rows keep lam = 1 in the interpolation pass, then get their partner's box pasted
+    out = mix(x, torch.where(interp, lam, torch.ones_like(lam)), perm) if bool(interp.any()) else x.clone()
+    for i, j, row in rows:
+        sl = [slice(None)] * (x.dim() - 1)
+        for k, d in enumerate(dims):
+            sl[d - 1] = slice(row[2 * k], row[2 * k + 1])
+        out[i][tuple(sl)] = x[j][tuple(sl)]
     return out

@@ -1,0 +1,44 @@
+"""The same equivalences on a CUDA device (skipped where none is present)."""
+import pytest
+import torch
+
+from moemix.layers import SparseMoE
+from tests.layers._reference import reference_moe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_cuda_matches_reference_loop(layout, glu):
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 96, num_experts=8, k=2, glu=glu, dispatch_layout=layout).cuda().double()
+    x = torch.randn(300, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    out.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    x.grad = None
+    moe.zero_grad()
+    ref = reference_moe(moe, x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, [x.grad] + [p.grad for p in moe.parameters()]):
+        torch.testing.assert_close(got, want)
+
+
+def test_cuda_bf16_autocast_and_capacity():
+    moe = SparseMoE(64, 96, num_experts=8, k=2, capacity_factor=1.0).cuda()
+    x = torch.randn(4, 100, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y.float().sum().backward()
+    assert moe.experts.w1.grad.dtype == torch.float32 and torch.isfinite(moe.experts.w1.grad).all()
+
+
+def test_cuda_torch_compile_inductor():
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 96, num_experts=8, k=2).cuda()
+    x = torch.randn(256, 64, device="cuda")
+    compiled = torch.compile(moe)
+    torch.testing.assert_close(compiled(x), moe(x), atol=1e-4, rtol=1e-4)
