@@ -31,7 +31,7 @@ from moemix.layers._validate import check_choice
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
-LAYOUTS = ("auto", "sorted", "padded")
+LAYOUTS = ("auto", "loop", "sorted", "padded")
 # "auto" takes the padded layout while E * C <= PADDED_MAX_WASTE * N (+ a per-expert allowance that
 # stands for the fixed cost of one GEMM call on a slice). Measured by benchmarks/moe_layer.py.
 PADDED_MAX_WASTE = 1.25
@@ -65,19 +65,20 @@ class DispatchPlan:
     row_assignment: torch.Tensor
     capacity: Optional[int] = None
     num_dropped: int = 0
-
-    @property
-    def layout(self) -> str:
-        return "sorted" if self.capacity is None else "padded"
+    layout: str = "sorted"
 
     @property
     def num_rows(self) -> int:
         return self.row_token.numel()
 
 
-def _use_padded(counts: List[int], num_assignments: int) -> bool:
+def choose_layout(counts: List[int], num_dropped: int = 0) -> str:
+    """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py)."""
+    routed = sum(counts)
     padded_rows = len(counts) * max(counts, default=0)
-    return padded_rows <= PADDED_MAX_WASTE * num_assignments + PADDED_ROWS_PER_CALL * sum(1 for c in counts if c)
+    if not num_dropped and padded_rows <= PADDED_MAX_WASTE * routed + PADDED_ROWS_PER_CALL * sum(1 for c in counts if c):
+        return "padded"
+    return "loop"
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
@@ -88,7 +89,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         indices: ``[T, k]`` int64 expert ids.
         num_experts: ``E``.
         kept: optional ``[T, k]`` bool; False assignments are dropped (forces the sorted layout).
-        layout: ``"auto"``, ``"sorted"`` or ``"padded"``. Defaults to ``"auto"``.
+        layout: ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"``. ``"loop"`` plans like ``"sorted"``
+            and tells the experts to run the fused per-expert loop (:mod:`moemix.layers.expert_loop`)
+            instead of building the buffer. Defaults to ``"auto"`` (:func:`choose_layout`).
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
@@ -105,9 +108,10 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     n = flat.numel()
     if layout == "padded" and num_dropped:
         raise ValueError("layout='padded' cannot hold dropped assignments; use layout='sorted' with a capacity")
-    padded = layout == "padded" or (layout == "auto" and not num_dropped and _use_padded(counts, n))
+    if layout == "auto":
+        layout = choose_layout(counts, num_dropped)
     arange = torch.arange(n, device=device)
-    if not padded:
+    if layout != "padded":
         slot = torch.empty_like(order)
         slot[order] = arange
         row_token = torch.div(order, k, rounding_mode="floor")
@@ -116,7 +120,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
             row_token[n - num_dropped:] = num_tokens
             row_assignment[n - num_dropped:] = n
         return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, row_assignment,
-                            None, num_dropped)
+                            None, num_dropped, layout)
     capacity = max(counts, default=0)
     expert_sorted = flat[order]
     starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
@@ -127,7 +131,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     row_token[slot_sorted] = torch.div(order, k, rounding_mode="floor")
     row_assignment = torch.full((num_experts * capacity,), n, dtype=torch.long, device=device)
     row_assignment[slot_sorted] = order
-    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, row_assignment, capacity, 0)
+    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, row_assignment, capacity, 0,
+                        "padded")
 
 
 class _DispatchTokens(torch.autograd.Function):

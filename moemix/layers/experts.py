@@ -9,7 +9,8 @@ from torch import nn
 
 from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import get_act_layer
-from moemix.layers.dispatch import grouped_matmul
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
+from moemix.layers.expert_loop import fused_expert_mlp
 
 __all__ = ["GroupedExperts"]
 
@@ -104,6 +105,18 @@ class GroupedExperts(nn.Module):
                 self.b1[e].copy_(b1 if b1 is not None else torch.zeros_like(self.b1[e]))
             if self.b2 is not None:
                 self.b2[e].copy_(fc2.bias if fc2.bias is not None else torch.zeros_like(self.b2[e]))
+
+    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.
+
+        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training),
+        else dispatch into the expert buffer, :meth:`forward`, combine.
+        """
+        if plan.layout == "loop" and not (self.training and self.drop1.p > 0):
+            return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
+                                    self.act, self.glu)
+        out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity)
+        return combine_tokens(out_rows, weights, plan)
 
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:

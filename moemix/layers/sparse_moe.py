@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moemix.layers._validate import check_choice, check_last_dim, check_nonnegative, check_positive_int
-from moemix.layers.dispatch import LAYOUTS, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.dispatch import LAYOUTS, plan_dispatch
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.router import RoutingDecision, TopKRouter
 from moemix.losses import importance_load_loss, load_balance_loss, router_z_loss
@@ -54,7 +54,7 @@ class SparseMoE(nn.Module):
         shared_expert: None; ``"gated"`` adds ``sigmoid(g(x)) * shared(x)`` (Qwen2-MoE); ``"averaged"``
             returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
         shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
-        dispatch_layout: expert buffer layout, ``"auto"``, ``"sorted"`` or ``"padded"`` (see
+        dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"`` (see
             :mod:`moemix.layers.dispatch`); the result is the same, only speed differs. Defaults to "auto".
 
     Shapes:
@@ -171,10 +171,9 @@ class SparseMoE(nn.Module):
     def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
         # Data-dependent slice sizes: run eagerly under torch.compile (one graph break).
         plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, self.dispatch_layout)
-        out_rows = self.experts(dispatch_tokens(tokens, plan), plan.counts, plan.capacity)
         self.tokens_per_expert = plan.tokens_per_expert.detach()
         self.dropped_tokens = plan.num_dropped
-        return combine_tokens(out_rows, decision.weights, plan)
+        return self.experts.forward_routed(tokens, decision.weights, plan)
 
     def _store_aux(self, decision: RoutingDecision) -> None:
         parts: Dict[str, torch.Tensor] = {}

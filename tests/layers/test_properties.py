@@ -10,7 +10,7 @@ from tests.layers._reference import reference_moe
        lead=st.sampled_from([(), (2,), (1, 3)]), glu=st.booleans())
 def test_sparse_moe_matches_reference_for_any_shape(tokens, experts, data, lead, glu):
     k = data.draw(st.integers(1, experts))
-    layout = data.draw(st.sampled_from(["sorted", "padded", "auto"]))
+    layout = data.draw(st.sampled_from(["loop", "sorted", "padded", "auto"]))
     torch.manual_seed(tokens * 131 + experts)
     moe = SparseMoE(6, 5, 4, num_experts=experts, k=k, glu=glu, dispatch_layout=layout).double()
     x = torch.randn(*lead, tokens, 6, dtype=torch.float64, requires_grad=True)
@@ -24,7 +24,7 @@ def test_sparse_moe_matches_reference_for_any_shape(tokens, experts, data, lead,
 
 @settings(max_examples=50, deadline=None)
 @given(tokens=st.integers(0, 30), experts=st.integers(1, 8), data=st.data(),
-       layout=st.sampled_from(["sorted", "padded", "auto"]))
+       layout=st.sampled_from(["loop", "sorted", "padded", "auto"]))
 def test_plan_puts_every_assignment_in_its_experts_rows(tokens, experts, data, layout):
     k = data.draw(st.integers(1, experts))
     indices = (torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]) if tokens

@@ -26,6 +26,8 @@ def _grads(module, x, fn):
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(dispatch_layout="sorted"),
+    dict(dispatch_layout="loop"),
+    dict(dispatch_layout="loop", glu=True, bias=False, k=3),
     dict(dispatch_layout="padded"),
     dict(dispatch_layout="padded", glu=True, bias=False),
     dict(glu=True, act_layer="silu", bias=False),
