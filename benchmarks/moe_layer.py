@@ -223,6 +223,11 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     H, E, k = cfg.H, cfg.E, cfg.k
     if name == "moemix":
         return moe
+    if name.startswith("moemix:"):  # the same layer with one dispatch strategy forced
+        forced = SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k,
+                           dispatch_layout=name.split(":", 1)[1])
+        forced.load_state_dict(moe.state_dict())
+        return forced
     if name == "hf_loop":
         m = HFMixtralLoop(D, H, E, k)
         with torch.no_grad():
@@ -299,7 +304,8 @@ def check_same_function(cfg: Config, routing: str, moe: SparseMoE, modules: Dict
     diffs = {}
     with torch.no_grad():
         ref = moe(x)
-        others = {n: m for n, m in modules.items() if n in ("hf_loop", "hf_block_grouped_mm", "hf_block_eager")}
+        others = {n: m for n, m in modules.items()
+                  if n in ("hf_loop", "hf_block_grouped_mm", "hf_block_eager") or n.startswith("moemix:")}
         if "hf_block_eager" not in others and "hf_loop" in others:
             eager = make_hf_block(cfg, "eager", moe)
             if eager is not None:
@@ -364,6 +370,7 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
 def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Optional[int]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-worker", f"{cfg.name},{routing},{name}",
+           "--layouts", args.layouts,
            "--threads", str(args.threads), "--seed", str(args.seed), "--group-size", str(args.group_size),
            "--capacity-factor", str(args.capacity_factor)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -379,6 +386,7 @@ def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Opt
 # --------------------------------------------------------------------------------------------------
 def variants_for(args, device) -> list:
     names = list(MAIN_VARIANTS)
+    names += [f"moemix:{layout}" for layout in args.layouts.split(",") if layout]
     if _hf_block_cls() is not None:
         names.append("hf_block_grouped_mm")
         if args.hf_eager:
@@ -468,12 +476,21 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=256, help="GShard tokens per dispatch group (default 256)")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="GShard capacity factor (default 1.25)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
+                   "e.g. loop,sorted,padded (the data behind the 'auto' rule)")
+    p.add_argument("--allocator", choices=("default", "reuse"), default="default",
+                   help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
+                        "applies to every variant in the process)")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     configs = {c.name: c for c in CONFIGS}
+    if args.allocator == "reuse":
+        from moemix.utils import reuse_freed_memory
+        if not reuse_freed_memory():
+            sys.exit("--allocator reuse: could not change the allocator on this platform")
 
     if args.mem_worker:
         cname, routing, name = args.mem_worker.split(",")
@@ -484,11 +501,13 @@ def main(argv=None):
     routings = args.routings.split(",")
     header = (f"moemix MoE layer benchmark: fwd+bwd, D={D}, fp32, SwiGLU experts without bias, "
               f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
+              f"allocator={args.allocator}, "
               f"{'quick' if args.quick else 'full'} run")
     print(header, flush=True)
 
     results: dict = {"meta": {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                               "device": str(device), "threads": torch.get_num_threads(),
+                              "allocator": args.allocator,
                               "torch": torch.__version__, "python": platform.python_version(),
                               "platform": platform.platform(), "cpu_count": os.cpu_count(),
                               "gshard": {"capacity_factor": args.capacity_factor, "group_size": args.group_size}}}

@@ -1,23 +1,26 @@
 """Dropless token dispatch: the one hot path every moemix MoE layer shares.
 
-The ``N = T * k`` (token, expert) assignments are sorted by expert id once and copied into an
-*expert buffer* whose rows belong to the experts in order. Two buffer layouts exist:
+The ``N = T * k`` (token, expert) assignments are sorted by expert id once (:func:`plan_dispatch`, one
+host sync for the per-expert counts). Three strategies then run the experts:
 
-- ``"sorted"``: ``N`` rows, expert ``e`` owns a contiguous slice of ``counts[e]`` rows (megablocks
-  dMoE / scattermoe style); experts run as one GEMM per non-empty slice (:func:`grouped_matmul`).
-- ``"padded"``: ``E * C`` rows with ``C = max(counts)``, viewed as ``[E, C, D]``; all experts run
-  as one batched GEMM. Pays for padding, saves the per-expert calls; wins for balanced routing and
-  small batches (see ``docs/results/moe_layer.md``).
+- ``"loop"``: a fused per-expert loop (:mod:`moemix.layers.expert_loop`): gather the expert's tokens,
+  GEMM, activation, GEMM, weighted ``index_add`` into the output, all in one autograd node whose
+  temporaries are per expert. Fastest for many rows per expert on CPU.
+- ``"sorted"``: an expert buffer of ``N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]``
+  rows (megablocks dMoE / scattermoe style), one GEMM per slice (:func:`grouped_matmul`).
+- ``"padded"``: an expert buffer of ``E * C`` rows, ``C = max(counts)``, viewed as ``[E, C, D]``; all
+  experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest when experts get
+  few rows each (small batches, many experts) and routing is not too skewed.
 
-``"auto"`` picks by the padding fraction. Data movement is one row gather into the buffer; the
-combine and the dispatch backward are gather-reduces (``embedding_bag`` with per-sample weights), so
-the ``[T*k, D]`` per-assignment copies are materialised only where a GEMM needs them. There is one host
-sync (the per-expert counts) per call.
+``"auto"`` picks per call with :func:`choose_layout` (rules from ``benchmarks/moe_layer.py``). For the
+buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
+serial scatter-add accumulates and the ``[T*k, D]`` per-assignment copies exist only where a GEMM
+needs them.
 
     x [T, D] --dispatch_tokens--> rows [R, D] --experts--> out_rows [R, D'] --combine_tokens(w)--> [T, D']
 
-Dropped assignments (capacity mode, sorted layout only) go to trailing rows no expert reads; their
-output is zero.
+Dropped assignments (capacity mode; loop and sorted only) sort to the end, where no expert reads
+them; their output is zero.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ from moemix.layers._validate import check_choice
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
 LAYOUTS = ("auto", "loop", "sorted", "padded")
-# "auto" takes the padded layout while E * C <= PADDED_MAX_WASTE * N (+ a per-expert allowance that
-# stands for the fixed cost of one GEMM call on a slice). Measured by benchmarks/moe_layer.py.
-PADDED_MAX_WASTE = 1.25
-PADDED_ROWS_PER_CALL = 32
+# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded on 2 CPU cores: the padded
+# batched GEMM wins when experts get few rows each (per-call overhead dominates) and padding stays
+# moderate; otherwise the fused per-expert loop wins.
+PADDED_MAX_MEAN_ROWS = 128
+PADDED_MAX_WASTE = 2.0
 
 
 @dataclass
@@ -75,8 +79,11 @@ class DispatchPlan:
 def choose_layout(counts: List[int], num_dropped: int = 0) -> str:
     """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py)."""
     routed = sum(counts)
-    padded_rows = len(counts) * max(counts, default=0)
-    if not num_dropped and padded_rows <= PADDED_MAX_WASTE * routed + PADDED_ROWS_PER_CALL * sum(1 for c in counts if c):
+    hit = sum(1 for c in counts if c)
+    if num_dropped or routed == 0:
+        return "loop"
+    padded_rows = len(counts) * max(counts)
+    if routed / hit <= PADDED_MAX_MEAN_ROWS and padded_rows <= PADDED_MAX_WASTE * routed:
         return "padded"
     return "loop"
 
