@@ -1,4 +1,5 @@
 """Lightning callbacks: routing telemetry, mix schedules."""
 from .mix_schedule import MixSchedule
+from .routing_telemetry import RoutingTelemetry, load_heatmap, moe_layers
 
-__all__ = ["MixSchedule"]
+__all__ = ["MixSchedule", "RoutingTelemetry", "load_heatmap", "moe_layers"]

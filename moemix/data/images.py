@@ -1,0 +1,155 @@
+"""Image classification data for the vision recipes: embedded digits by default, or a folder you have.
+
+The embedded default is real data that ships inside scikit-learn: ``load_digits`` (1,797 handwritten
+digits, 8x8 grey levels 0..16, 10 classes), upsampled to ``img_size`` and repeated to 3 channels, with a
+fixed stratified train/val/test split. ``root`` switches to an ``ImageFolder`` tree
+(``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test``) or a CIFAR-10 python folder
+(``cifar-10-batches-py`` or its parent). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["ImageDataModule", "load_digits_tensors"]
+
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def load_digits_tensors(img_size: int, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15):
+    """scikit-learn digits as ``([N, 3, S, S] float normalised to [-1, 1], [N] int64)`` per split.
+
+    Returns a dict ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; the split is stratified per
+    class and fixed by ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    x = ((x - 0.5) / 0.5).repeat(1, 3, 1, 1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for c in range(10):
+        idx = torch.nonzero(y == c).squeeze(1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_val, n_test = round(val_fraction * idx.numel()), round(test_fraction * idx.numel())
+        parts["val"].append(idx[:n_val])
+        parts["test"].append(idx[n_val:n_val + n_test])
+        parts["train"].append(idx[n_val + n_test:])
+    return {name: (x[torch.cat(ids)], y[torch.cat(ids)]) for name, ids in parts.items()}
+
+
+def _cifar_dir(root: str) -> Optional[str]:
+    for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
+        if os.path.isfile(os.path.join(candidate, "data_batch_1")) and os.path.isfile(os.path.join(candidate, "test_batch")):
+            return candidate
+    return None
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Classification images for the recipes.
+
+    Args:
+        root: None for the embedded digits; else an ImageFolder tree with ``train/`` and ``val/`` (and
+            optionally ``test/``) or a CIFAR-10 python folder.
+        img_size: side length the images are resized to. Defaults to 32.
+        batch_size: per-device batch size. Defaults to 64.
+        num_workers: DataLoader workers. Defaults to 0.
+        seed: seed of the embedded split. Defaults to 0.
+        augment: random-resized-crop / flip training augmentation for folder data (digits are not
+            flipped: a mirrored digit is a different glyph). Defaults to True.
+    """
+
+    def __init__(self, root: Optional[str] = None, img_size: int = 32, batch_size: int = 64, num_workers: int = 0,
+                 seed: int = 0, augment: bool = True):
+        super().__init__()
+        if root is not None and not os.path.isdir(root):
+            raise ValueError(f"data.root={root!r} does not exist or is not a folder")
+        if not isinstance(img_size, int) or img_size < 8:
+            raise ValueError(f"data.img_size must be an integer >= 8, got {img_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.root, self.img_size, self.batch_size = root, img_size, batch_size
+        self.num_workers, self.seed, self.augment = num_workers, seed, augment
+        self.kind = self._detect_kind()
+        self.datasets: dict = {}
+
+    def _detect_kind(self) -> str:
+        if self.root is None:
+            return "digits"
+        if _cifar_dir(self.root):
+            return "cifar10"
+        if os.path.isdir(os.path.join(self.root, "train")) and os.path.isdir(os.path.join(self.root, "val")):
+            return "imagefolder"
+        raise ValueError(f"data.root={self.root!r} has neither an ImageFolder layout (train/ and val/ class folders) "
+                         "nor CIFAR-10 python batches (data_batch_1 ... test_batch)")
+
+    @property
+    def num_classes(self) -> int:
+        if self.kind in ("digits", "cifar10"):
+            return 10
+        return len([d for d in os.scandir(os.path.join(self.root, "train")) if d.is_dir()])
+
+    def _transforms(self, train: bool):
+        from torchvision.transforms import v2 as T
+
+        ops = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+        if train and self.augment:
+            ops += [T.RandomResizedCrop(self.img_size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+        else:
+            ops += [T.Resize(self.img_size, antialias=True), T.CenterCrop(self.img_size)]
+        return T.Compose(ops + [T.Normalize(_MEAN, _STD)])
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.datasets:
+            return
+        if self.kind == "digits":
+            splits = load_digits_tensors(self.img_size, self.seed)
+            self.datasets = {name: TensorDataset(*tensors) for name, tensors in splits.items()}
+        elif self.kind == "cifar10":
+            from torchvision.datasets import CIFAR10
+
+            folder = _cifar_dir(self.root)
+            parent, name = os.path.split(os.path.normpath(folder))
+            if name != "cifar-10-batches-py":
+                raise ValueError(f"data.root: CIFAR-10 batches must sit in a folder named cifar-10-batches-py, got {folder!r}")
+            train = CIFAR10(parent, train=True, transform=self._transforms(True), download=False)
+            test = CIFAR10(parent, train=False, transform=self._transforms(False), download=False)
+            self.datasets = {"train": train, "val": test, "test": test}
+        else:
+            from torchvision.datasets import ImageFolder
+
+            test_dir = os.path.join(self.root, "test")
+            self.datasets = {
+                "train": ImageFolder(os.path.join(self.root, "train"), transform=self._transforms(True)),
+                "val": ImageFolder(os.path.join(self.root, "val"), transform=self._transforms(False)),
+                "test": ImageFolder(test_dir if os.path.isdir(test_dir) else os.path.join(self.root, "val"),
+                                    transform=self._transforms(False)),
+            }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def sample_shape(self) -> Tuple[int, int, int]:
+        return (3, self.img_size, self.img_size)

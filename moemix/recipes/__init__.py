@@ -1,0 +1,1 @@
+"""Runnable Lightning recipes: ``python -m moemix.recipes.NAME {fit,validate,test,predict}``."""

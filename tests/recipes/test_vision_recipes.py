@@ -1,0 +1,132 @@
+import glob
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from tests.recipes._run import run, tiny
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+@pytest.mark.parametrize("recipe", ["vit_transmix", "cnn_patchmix"])
+def test_fast_dev_run_has_finite_loss(recipe, tmp_path):
+    cli = run(recipe, tmp_path, "fit", "--trainer.fast_dev_run", "2")
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss_step"]))
+
+
+def test_moe_aux_loss_is_in_the_logged_loss(tmp_path):
+    cli = run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", "--model.moe_every", "2")
+    m = cli.trainer.callback_metrics
+    assert cli.model.moe_block_names == ["blocks.1.mlp", "blocks.3.mlp"]
+    assert float(m["train/loss_aux_step"]) > 0
+    assert math.isclose(float(m["train/loss_step"]), float(m["train/loss_cls_step"]) + float(m["train/loss_aux_step"]),
+                        rel_tol=1e-5)
+
+
+def _events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert files, "no TensorBoard event file written"
+    acc = EventAccumulator(os.path.dirname(files[0]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_has_scalars_and_images(tmp_path):
+    run("vit_transmix", tmp_path, "fit", "--trainer.max_epochs", "1", "--model.moe_every", "2", *tiny())
+    acc = _events(tmp_path)
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    for tag in ("train/loss_step", "train/loss_cls_step", "train/loss_aux_step", "train/lr", "val/acc", "val/loss",
+                "routing/model.blocks.1.mlp/max_load"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert {"train/mixed_samples", "routing/expert_load"} <= images
+
+
+def _step_losses(tmp_path):
+    return [e.value for e in _events(tmp_path).Scalars("train/loss_step")]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "first"
+    run("vit_transmix", straight, "fit", "--trainer.max_epochs", "2", *tiny())
+    run("vit_transmix", first, "fit", "--trainer.max_epochs", "2", *tiny(),
+        "--trainer.callbacks+=tests.recipes._run.StopAfterFirstEpoch")
+    ckpt = glob.glob(str(first / "**" / "last.ckpt"), recursive=True)[0]
+    run("vit_transmix", tmp_path / "resumed", "fit", "--trainer.max_epochs", "2", "--ckpt_path", ckpt, *tiny())
+    want = _step_losses(straight)
+    got = _step_losses(tmp_path / "resumed")
+    assert len(want) == 6 and len(got) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want[3:]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["vit_transmix", "cnn_patchmix"])
+def test_checked_in_config_round_trips(recipe, tmp_path, capsys):
+    path = os.path.join(CONFIGS, f"{recipe}.yaml")
+    with pytest.raises(SystemExit):
+        run(recipe, tmp_path, "fit", "--config", path, "--print_config")
+    printed = yaml.safe_load(capsys.readouterr().out)
+    with open(path) as f:
+        checked_in = yaml.safe_load(f)
+    for section in ("model", "data"):
+        for key, value in checked_in.get(section, {}).items():
+            assert printed[section][key] == value, (section, key)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(printed))
+    with pytest.raises(SystemExit):
+        run(recipe, tmp_path, "fit", "--config", str(again), "--print_config")
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--model.model_name", "no_such_model"], "model.model_name"),
+    (["--data.root", "/does/not/exist"], "data.root"),
+    (["--model.patch_size", "5"], "model.patch_size"),
+])
+def test_bad_config_names_the_option(args, option, tmp_path):
+    with pytest.raises(ValueError, match=option.replace(".", r"\.")):
+        run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
+
+
+def test_data_root_with_wrong_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"data\.root"):
+        run("cnn_patchmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", "--data.root", str(tmp_path / "images"))
+
+
+def test_imagefolder_root_trains(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            folder = tmp_path / "images" / split / c
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 36), (200 if c == "cat" else 20, 10 * i, 0)).save(folder / f"{i}.png")
+    cli = run("cnn_patchmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", "--data.root", str(tmp_path / "images"),
+              "--data.batch_size", "4")
+    assert cli.model.hparams.num_classes == 2
+
+
+def test_cnn_test_reports_occlusion_curve(tmp_path):
+    cli = run("cnn_patchmix", tmp_path, "fit", "--trainer.max_epochs", "1", *tiny())
+    ckpt = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)[0]
+    cli = run("cnn_patchmix", tmp_path, "test", "--ckpt_path", ckpt, "--trainer.limit_test_batches", "2")
+    acc = cli.model.occlusion_accuracy
+    assert set(acc) == {f"{m}_{f:.1f}" for m in ("patches", "noise") for f in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
+    assert math.isclose(acc["noise_0.0"], float(cli.trainer.callback_metrics["test/acc"]), rel_tol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["vit_transmix", "cnn_patchmix"])
+def test_default_fit_beats_chance_widely(recipe, tmp_path):
+    cli = run(recipe, tmp_path, "fit")
+    assert float(cli.trainer.callback_metrics["val/acc"]) > 0.7  # chance is 0.1
+
+
+def test_short_cnn_fit_beats_chance_widely(tmp_path):
+    cli = run("cnn_patchmix", tmp_path, "fit", "--trainer.max_epochs", "4", "--model.mixing", "none")
+    assert float(cli.trainer.callback_metrics["val/acc"]) > 0.6  # chance is 0.1
