@@ -40,6 +40,9 @@ LAYOUTS = ("auto", "loop", "sorted", "padded")
 # moderate; otherwise the fused per-expert loop wins.
 PADDED_MAX_MEAN_ROWS = 128
 PADDED_MAX_WASTE = 2.0
+# On CUDA (H200, benchmarks/moe_layer.py --device cuda) the batched GEMM wins at every measured shape,
+# skewed routing included (up to 4x padding); beyond that the sorted slices bound the memory.
+PADDED_MAX_WASTE_CUDA = 4.0
 
 
 @dataclass
@@ -76,13 +79,17 @@ class DispatchPlan:
         return self.row_token.numel()
 
 
-def choose_layout(counts: List[int], num_dropped: int = 0) -> str:
+def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu") -> str:
     """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py)."""
     routed = sum(counts)
     hit = sum(1 for c in counts if c)
+    padded_rows = len(counts) * max(counts, default=0)
+    if device_type == "cuda":
+        if num_dropped or routed == 0 or padded_rows > PADDED_MAX_WASTE_CUDA * routed:
+            return "sorted"
+        return "padded"
     if num_dropped or routed == 0:
         return "loop"
-    padded_rows = len(counts) * max(counts)
     if routed / hit <= PADDED_MAX_MEAN_ROWS and padded_rows <= PADDED_MAX_WASTE * routed:
         return "padded"
     return "loop"
@@ -116,7 +123,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     if layout == "padded" and num_dropped:
         raise ValueError("layout='padded' cannot hold dropped assignments; use layout='sorted' with a capacity")
     if layout == "auto":
-        layout = choose_layout(counts, num_dropped)
+        layout = choose_layout(counts, num_dropped, device.type)
     arange = torch.arange(n, device=device)
     if layout != "padded":
         slot = torch.empty_like(order)
