@@ -55,3 +55,21 @@ def test_skill_it_window_forgets_old_losses():
     s.update([10.0, 0.0])
     p = s.update([0.0, 0.0])
     assert torch.allclose(p, torch.tensor([0.5, 0.5]))
+
+
+def test_return_weighted_sampler_drives_a_torchrl_replay_buffer():
+    import pytest
+
+    rb_mod = pytest.importorskip("torchrl.data")
+    from tensordict import TensorDict
+
+    rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    dones = torch.tensor([0, 1, 0, 1, 0, 1])
+    s = ReturnWeightedSampler.from_rewards(rewards, dones, generator=torch.Generator().manual_seed(0))
+    buffer = rb_mod.ReplayBuffer(storage=rb_mod.LazyTensorStorage(6), sampler=s.as_torchrl_sampler(), batch_size=500)
+    buffer.extend(TensorDict({"obs": torch.arange(6.0), "reward": rewards}, batch_size=[6]))
+    batch = buffer.sample()
+    assert batch.batch_size == torch.Size([500])
+    assert torch.isin(batch["obs"], torch.tensor([2.0, 3.0])).float().mean() > 0.9  # the rewarded episode
+    state = buffer.sampler.state_dict()
+    assert torch.equal(state["probabilities"], s.probabilities)
