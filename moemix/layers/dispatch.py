@@ -35,11 +35,11 @@ from moemix.layers._validate import check_choice
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
 LAYOUTS = ("auto", "loop", "sorted", "padded")
-# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded on 2 CPU cores: the padded
-# batched GEMM wins when experts get few rows each (per-call overhead dominates) and padding stays
-# moderate; otherwise the fused per-expert loop wins.
+# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded on 2 CPU cores: with many
+# rows per expert the fused per-expert loop wins; with few rows per expert (per-call overhead dominates)
+# the padded batched GEMM wins while padding stays small, and the sorted slices win under skew.
 PADDED_MAX_MEAN_ROWS = 128
-PADDED_MAX_WASTE = 2.0
+PADDED_MAX_WASTE = 1.5
 # On CUDA (H200, benchmarks/moe_layer.py --device cuda) the batched GEMM wins at every measured shape,
 # skewed routing included (up to 4x padding); beyond that the sorted slices bound the memory.
 PADDED_MAX_WASTE_CUDA = 4.0
@@ -88,11 +88,9 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
         if num_dropped or routed == 0 or padded_rows > PADDED_MAX_WASTE_CUDA * routed:
             return "sorted"
         return "padded"
-    if num_dropped or routed == 0:
+    if num_dropped or routed == 0 or routed / hit > PADDED_MAX_MEAN_ROWS:
         return "loop"
-    if routed / hit <= PADDED_MAX_MEAN_ROWS and padded_rows <= PADDED_MAX_WASTE * routed:
-        return "padded"
-    return "loop"
+    return "padded" if padded_rows <= PADDED_MAX_WASTE * routed else "sorted"
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
