@@ -98,13 +98,12 @@ def mix_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor, *,
             sl[d] = slice(row[2 * k], row[2 * k + 1])
         return tuple(sl)
 
-    if len(bx) == 1:  # one box for the whole batch
-        sl = region(bx[0])
-        out[sl] = x[sl].index_select(0, idx)
-        return out
-    for i, (j, row) in enumerate(zip(perm.tolist(), bx)):
+    # Per-sample slice copies: no temporary for the gathered partners (a batch-sized allocation costs
+    # more than the loop on CPU; see docs/results/mix.md).
+    shared = region(bx[0])[1:] if len(bx) == 1 else None
+    for i, j in enumerate(idx.tolist()):
         if j != i:
-            sl = region(row)[1:]
+            sl = shared if shared is not None else region(bx[i])[1:]
             out[i][sl] = x[j][sl]
     return out
 

@@ -1,0 +1,91 @@
+"""Write docs/results/moe_layer.md from the JSON files of benchmarks/moe_layer.py.
+
+    python benchmarks/moe_layer.py --layouts loop,sorted,padded --json default.json
+    python benchmarks/moe_layer.py --layouts loop,sorted,padded --allocator reuse --json reuse.json
+    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] > docs/results/moe_layer.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum)
+    "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
+}
+COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop", "moemix:sorted",
+           "moemix:padded", "megablocks"]
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def table(results: dict) -> list:
+    cases = [k for k in results if k != "meta"]
+    cols = [c for c in COLUMNS if any(c in results[k]["ms"] for k in cases)]
+    lines = ["| case | " + " | ".join(f"{c} ms" for c in cols) + " | vs_hf_loop | vs_dense_active | target | load max/mean |",
+             "|---" * (len(cols) + 5) + "|"]
+    for k in cases:
+        e = results[k]
+        hf_min, dense_max = TARGETS.get(k, (None, None))
+        target = []
+        if hf_min is not None:
+            target.append(f"hf >= {hf_min} {'met' if e['vs_hf_loop'] >= hf_min else 'missed'}")
+        if dense_max is not None:
+            target.append(f"dense <= {dense_max} {'met' if e['vs_dense_active'] <= dense_max else 'missed'}")
+        lines.append(f"| {k} | " + " | ".join(fmt(e["ms"].get(c)) for c in cols)
+                     + f" | {e['vs_hf_loop']:.2f} | {e['vs_dense_active']:.2f} | {'; '.join(target) or '-'} | "
+                     f"{e['routing_stats']['max_over_mean_load']:.2f} |")
+    return lines
+
+
+def memory_table(results: dict) -> list:
+    cases = [k for k in results if k != "meta" and results[k].get("peak_mem_bytes")]
+    if not cases:
+        return []
+    cols = [c for c in COLUMNS if any(c in (results[k]["peak_mem_bytes"] or {}) for k in cases)]
+    lines = ["| case | " + " | ".join(f"{c} MiB" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k in cases:
+        mem = results[k]["peak_mem_bytes"]
+        lines.append(f"| {k} | " + " | ".join("-" if mem.get(c) is None else f"{mem[c] / 2**20:.0f}" for c in cols) + " |")
+    return lines
+
+
+def meta_line(results: dict) -> str:
+    m = results["meta"]
+    return (f"`{m['command']}`: torch {m['torch']}, transformers {m.get('transformers', '-')}, {m['device']}"
+            f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['threads']} threads, allocator {m.get('allocator', 'default')}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("default_json")
+    p.add_argument("reuse_json", nargs="?")
+    p.add_argument("--cuda", default=None)
+    args = p.parse_args()
+    out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
+           "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
+           "docstring for the commands). Forward + backward of one layer, D=512, fp32, SwiGLU experts without "
+           "bias, medians of interleaved repeats; `vs_hf_loop` = HF time / moemix time (higher is better), "
+           "`vs_dense_active` = moemix time / time of a dense SwiGLU FFN with hidden k*H (the same active "
+           "FLOPs; 1.0 is the practical limit). `moemix` is the default (`dispatch_layout=\"auto\"`); the "
+           "`moemix:<strategy>` columns force one strategy and are the data behind the auto rule.", ""]
+    with open(args.default_json) as f:
+        default = json.load(f)
+    out += ["## CPU, default glibc allocator", "", meta_line(default), ""] + table(default)
+    out += ["", "Peak memory of one step beyond what was resident before it (fresh process per variant, "
+            "balanced routing):", ""] + memory_table(default)
+    if args.reuse_json:
+        with open(args.reuse_json) as f:
+            reuse = json.load(f)
+        out += ["", "## CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", "",
+                meta_line(reuse), ""] + table(reuse)
+    if args.cuda:
+        with open(args.cuda) as f:
+            cuda = json.load(f)
+        out += ["", "## CUDA", "", meta_line(cuda), ""] + table(cuda)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
