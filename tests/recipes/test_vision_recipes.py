@@ -17,6 +17,16 @@ def test_fast_dev_run_has_finite_loss(recipe, tmp_path):
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss_step"]))
 
 
+@pytest.mark.parametrize("recipe", ["vit_transmix", "cnn_patchmix"])
+def test_bf16_mixed_precision_and_ema(recipe, tmp_path):
+    cli = run(recipe, tmp_path, "fit", "--trainer.fast_dev_run", "2", "--trainer.precision", "bf16-mixed",
+              "--model.ema_decay", "0.9")
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss_step"]))
+    ema, live = cli.model.ema.module, cli.model.model
+    assert cli.model.eval_model() is ema
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live.parameters()))
+
+
 def test_moe_aux_loss_is_in_the_logged_loss(tmp_path):
     cli = run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", "--model.moe_every", "2")
     m = cli.trainer.callback_metrics
