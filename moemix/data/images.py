@@ -53,6 +53,34 @@ def _cifar_dir(root: str) -> Optional[str]:
     return None
 
 
+class _CifarBatches(Dataset):
+    """CIFAR-10 python batches (``data_batch_*``, ``test_batch``) read directly, without checksums, so
+    any folder in the official layout works (a copy, a subset)."""
+
+    def __init__(self, folder: str, files, transform):
+        import pickle
+
+        import numpy as np
+
+        images, labels = [], []
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            if "data" not in batch or "labels" not in batch:
+                raise ValueError(f"data.root: {os.path.join(folder, name)} is not a CIFAR-10 python batch")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch["labels"])
+        self.images = np.concatenate(images).transpose(0, 2, 3, 1)  # HWC for the image transforms
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Classification images for the recipes.
 
@@ -114,15 +142,11 @@ class ImageDataModule(L.LightningDataModule):
             splits = load_digits_tensors(self.img_size, self.seed)
             self.datasets = {name: TensorDataset(*tensors) for name, tensors in splits.items()}
         elif self.kind == "cifar10":
-            from torchvision.datasets import CIFAR10
-
             folder = _cifar_dir(self.root)
-            parent, name = os.path.split(os.path.normpath(folder))
-            if name != "cifar-10-batches-py":
-                raise ValueError(f"data.root: CIFAR-10 batches must sit in a folder named cifar-10-batches-py, got {folder!r}")
-            train = CIFAR10(parent, train=True, transform=self._transforms(True), download=False)
-            test = CIFAR10(parent, train=False, transform=self._transforms(False), download=False)
-            self.datasets = {"train": train, "val": test, "test": test}
+            train_files = sorted(f for f in os.listdir(folder) if f.startswith("data_batch_"))
+            test = _CifarBatches(folder, ["test_batch"], self._transforms(False))
+            self.datasets = {"train": _CifarBatches(folder, train_files, self._transforms(True)), "val": test,
+                             "test": test}
         else:
             from torchvision.datasets import ImageFolder
 

@@ -121,6 +121,24 @@ def test_imagefolder_root_trains(tmp_path):
     assert cli.model.hparams.num_classes == 2
 
 
+def test_cifar10_python_folder_trains(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 12), ("data_batch_2", 12), ("test_batch", 8)):
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    cli = run("cnn_patchmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", "--data.root", str(tmp_path),
+              "--data.batch_size", "8")
+    assert len(cli.datamodule.datasets["train"]) == 24 and len(cli.datamodule.datasets["val"]) == 8
+    assert cli.datamodule.datasets["train"][0][0].shape == (3, 32, 32)
+
+
 def test_cnn_test_reports_occlusion_curve(tmp_path):
     cli = run("cnn_patchmix", tmp_path, "fit", "--trainer.max_epochs", "1", *tiny())
     ckpt = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)[0]
