@@ -1,0 +1,16 @@
+"""The examples in the layers' docstrings run."""
+import doctest
+import importlib
+
+import pytest
+import torch
+
+MODULES = ["moemix.layers.sparse_moe"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    torch.manual_seed(0)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
