@@ -19,7 +19,7 @@ from .functional._checks import (check_alpha, check_choice, check_float_tensor, 
                                  check_probability)
 from .functional.boxes import box_fraction, rand_boxes, rand_boxes_minmax
 from .functional.lam import sample_beta
-from .functional.mixing import default_mixed_dims, mix, mix_attention_mask, mix_boxes, mix_per_sample
+from .functional.mixing import default_mixed_dims, mix, mix_boxes, mix_per_sample
 from .functional.pairing import PAIRINGS, is_involution, pair_indices
 from .functional.targets import mix_targets, soft_targets
 from .record import MixRecord

@@ -61,7 +61,7 @@ def _step_losses(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "first"
+    straight, first = tmp_path / "straight", tmp_path / "first"
     run("vit_transmix", straight, "fit", "--trainer.max_epochs", "2", *tiny())
     run("vit_transmix", first, "fit", "--trainer.max_epochs", "2", *tiny(),
         "--trainer.callbacks+=tests.recipes._run.StopAfterFirstEpoch")
