@@ -73,9 +73,10 @@ def test_resume_continues_exactly(tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want[3:]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe", ["vit_transmix", "cnn_patchmix"])
-def test_checked_in_config_round_trips(recipe, tmp_path, capsys):
-    path = os.path.join(CONFIGS, f"{recipe}.yaml")
+@pytest.mark.parametrize("recipe, config", [("vit_transmix", "vit_transmix"), ("vit_transmix", "vit_moe_transmix"),
+                                            ("cnn_patchmix", "cnn_patchmix")])
+def test_checked_in_config_round_trips(recipe, config, tmp_path, capsys):
+    path = os.path.join(CONFIGS, f"{config}.yaml")
     with pytest.raises(SystemExit):
         run(recipe, tmp_path, "fit", "--config", path, "--print_config")
     printed = yaml.safe_load(capsys.readouterr().out)
