@@ -49,7 +49,7 @@ def _moemix(case: str):
     return cls(1.0, mode=mode, num_classes=NUM_CLASSES, generator=torch.Generator().manual_seed(0))
 
 
-def bench_case(case: str, b: int, reps: int) -> dict:
+def bench_case(case: str, b: int, reps: int, warmup: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(b, 3, 224, 224, generator=g)
     y = torch.randint(0, NUM_CLASSES, (b,), generator=g)
@@ -60,8 +60,9 @@ def bench_case(case: str, b: int, reps: int) -> dict:
             fns[name] = (lambda t=t: t(x.clone(), y.clone()))
     times = {k: [] for k in fns}
     names = list(fns)
-    for f in fns.values():  # warm-up
-        f()
+    for _ in range(warmup):  # warm-up rounds: let the allocator settle before anything is timed
+        for f in fns.values():
+            f()
     for r in range(reps):
         for k in names[r % len(names):] + names[: r % len(names)]:
             s = time.perf_counter()
@@ -121,6 +122,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--warmup", type=int, default=3, help="untimed interleaved rounds per case")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vit-batch", type=int, default=32)
     p.add_argument("--vit-reps", type=int, default=5)
@@ -135,7 +137,7 @@ def main(argv=None) -> dict:
     for b in args.batch_sizes:
         for case in cases:
             key = f"{case}_b{b}"
-            res = bench_case(case, b, args.reps)
+            res = bench_case(case, b, args.reps, args.warmup)
             results[key] = res
             tv = res["ms"]["torchvision"]
             print(f"{key:<22}{res['ms']['moemix']:>10.1f}{res['ms']['timm']:>10.1f}"
