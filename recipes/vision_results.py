@@ -31,12 +31,21 @@ def fit_and_test(cli_main, args, workdir):
     base = ["--trainer.logger.init_args.save_dir", workdir, "--trainer.default_root_dir", workdir,
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     cli = cli_main(["fit", *base, *args])
+    val_acc = float(cli.trainer.callback_metrics.get("val/acc", float("nan")))  # test() replaces the metrics
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    return {"val_acc": float(cli.trainer.callback_metrics.get("val/acc", float("nan"))), **result}
+    return {"val_acc": val_acc, **result}
 
 
 def mean_std(values):
+    values = [float(v) for v in values]
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_mean_std(values, digits=2):
+    if any(v != v for v in values):  # nan: not recorded
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def main():
@@ -47,7 +56,13 @@ def main():
     p.add_argument("--epochs", type=int, default=int(os.environ.get("EPOCHS", "0")) or None)
     p.add_argument("--out", default="docs/results/vision.md")
     p.add_argument("--json", default="docs/results/vision.json")
+    p.add_argument("--from-json", default=None, help="only rewrite the markdown from a saved JSON")
     args = p.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        args.epochs = saved["epochs"]
+        return write_markdown(saved["runs"], saved["seeds"], args)
     seeds = [int(s) for s in args.seeds.split()]
     epochs = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
     runs = {"vit": {}, "cnn": {}}
@@ -81,21 +96,21 @@ def write_markdown(runs, seeds, args):
              "## ViT (vit_transmix: 4-block, 96-wide ViT, 4-px patches)", "",
              "| mixing | test top-1 (%) | val top-1 (%) |", "|---|---|---|"]
     for name, res in runs["vit"].items():
-        t, v = mean_std([100 * r["test/acc"] for r in res]), mean_std([100 * r["val_acc"] for r in res])
-        lines.append(f"| {name} | {t[0]:.2f} ± {t[1]:.2f} | {v[0]:.2f} ± {v[1]:.2f} |")
+        lines.append(f"| {name} | {fmt_mean_std([100 * r['test/acc'] for r in res])} | "
+                     f"{fmt_mean_std([100 * r['val_acc'] for r in res])} |")
     lines += ["", "## CNN (cnn_patchmix: ResNet-18, 8x8 patch grid)", "",
               "| mixing | test top-1 (%) | " + " | ".join(f"patches {f:.0%}" for f in (0.2, 0.4, 0.6))
               + " | " + " | ".join(f"noise {f:.0%}" for f in (0.2, 0.4, 0.6)) + " |",
               "|---|---|" + "---|" * 6]
     for name, res in runs["cnn"].items():
-        cells = [f"{mean_std([100 * r['test/acc'] for r in res])[0]:.2f} ± {mean_std([100 * r['test/acc'] for r in res])[1]:.2f}"]
+        cells = [fmt_mean_std([100 * r["test/acc"] for r in res])]
         for mode in ("patches", "noise"):
             for f in (0.2, 0.4, 0.6):
-                m, s = mean_std([100 * r[f"test/occlusion_{mode}_{f:.1f}"] for r in res])
-                cells.append(f"{m:.1f} ± {s:.1f}")
+                cells.append(fmt_mean_std([100 * r[f"test/occlusion_{mode}_{f:.1f}"] for r in res], 1))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "![occlusion curve](vision_occlusion.png)", ""]
-    plot_occlusion(runs["cnn"], os.path.join(os.path.dirname(args.out), "vision_occlusion.png"))
+    png = os.path.splitext(os.path.basename(args.out))[0] + "_occlusion.png"
+    lines += ["", f"![occlusion curve]({png})", ""]
+    plot_occlusion(runs["cnn"], os.path.join(os.path.dirname(args.out), png))
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {args.out}")
