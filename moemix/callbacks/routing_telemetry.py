@@ -59,7 +59,7 @@ class RoutingTelemetry(L.Callback):
             counts = layer.tokens_per_expert
             if counts is None:
                 continue
-            counts = counts.detach().to("cpu", torch.float64)
+            counts = counts.detach().to(torch.float64)  # stays on the device: no sync per batch
             self._counts[name] = self._counts.get(name, 0) + counts
             self._dropped[name] = self._dropped.get(name, 0) + int(getattr(layer, "dropped_tokens", 0))
 
@@ -68,7 +68,7 @@ class RoutingTelemetry(L.Callback):
             return
         self.layer_names = sorted(self._counts)
         loads = torch.stack([self._counts[n] / self._counts[n].sum().clamp(min=1) for n in self.layer_names])
-        self.last_loads = loads.float()
+        self.last_loads = loads.float().cpu()
         metrics = {}
         for name, row in zip(self.layer_names, self.last_loads):
             metrics[f"routing/{name}/max_load"] = float(row.max() * row.numel())

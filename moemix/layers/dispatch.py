@@ -127,9 +127,10 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         slot = torch.empty_like(order)
         slot[order] = arange
         row_token = torch.div(order, k, rounding_mode="floor")
-        row_assignment = order.clone()
+        row_assignment = order
         if num_dropped:
             row_token[n - num_dropped:] = num_tokens
+            row_assignment = order.clone()
             row_assignment[n - num_dropped:] = n
         return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, row_assignment,
                             None, num_dropped, layout)

@@ -2,10 +2,9 @@
 
 glibc's malloc serves every request above ``M_MMAP_THRESHOLD`` (dynamic, at most 32 MiB) with a fresh
 ``mmap`` and unmaps it on free, so a training step that allocates the same large activation and gradient
-buffers every iteration page-faults (and zero-fills) all of them again, every step: about 20 ms per
-64 MiB on a 2-core machine. MoE layers with stacked expert weights allocate gradients of
-``E * D * H`` elements per step, so small batches spend most of their time in page faults
-(``docs/results/moe_layer.md``). Raising the thresholds lets freed buffers be reused.
+buffers every iteration page-faults (and zero-fills) all of them again, every step. MoE layers with
+stacked expert weights allocate gradients of ``E * D * H`` elements per step, so small batches spend a
+large share of their time in page faults (``docs/results/moe_layer.md`` compares both settings). Raising the thresholds lets freed buffers be reused.
 
 This changes a process-wide allocator setting, so moemix never does it on import; call it once at the
 start of a CPU training script (or set the environment variables ``MALLOC_MMAP_THRESHOLD_`` and
