@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moemix.layers._validate import check_choice
+from moemix.layers.grad_buffers import GradBuffer
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -233,7 +234,7 @@ class _GroupedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts):
+    def forward(ctx, x, weight, bias, counts, grad_buffer):
         rows = sum(counts)
         out = x.new_empty(x.shape[0], weight.shape[-1])
         if rows < x.shape[0]:
@@ -248,7 +249,7 @@ class _GroupedMatmul(torch.autograd.Function):
                     torch.addmm(bias[e], x[start:stop], weight[e], out=out[start:stop])
                 start = stop
         ctx.save_for_backward(x, weight)
-        ctx.counts = counts
+        ctx.counts, ctx.grad_buffer = counts, grad_buffer
         ctx.has_bias = bias is not None
         return out
 
@@ -261,7 +262,9 @@ class _GroupedMatmul(torch.autograd.Function):
         grad_x = None
         if need_x:  # rows past sum(counts) (dropped) get zero gradient
             grad_x = x.new_zeros(x.shape) if sum(counts) < x.shape[0] else x.new_empty(x.shape)
-        grad_w = weight.new_empty(weight.shape) if need_w else None
+        grad_w = None
+        if need_w:
+            grad_w = ctx.grad_buffer.take(weight) if ctx.grad_buffer is not None else weight.new_empty(weight.shape)
         grad_b = grad.new_empty(weight.shape[0], weight.shape[-1]) if need_b and ctx.has_bias else None
         start = 0
         for e, n in enumerate(counts):
@@ -280,11 +283,35 @@ class _GroupedMatmul(torch.autograd.Function):
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
             start = stop
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _PaddedMatmul(torch.autograd.Function):
+    """``x[e] @ w[e] + b[e]`` as one batched GEMM over ``[E, C, in]``; the weight gradient goes into a
+    recycled buffer when one is given."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grad_buffer):
+        ctx.save_for_backward(x, weight)
+        ctx.grad_buffer, ctx.has_bias = grad_buffer, bias is not None
+        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.bmm(grad, weight.transpose(1, 2)) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = ctx.grad_buffer.take(weight) if ctx.grad_buffer is not None else weight.new_empty(weight.shape)
+            torch.bmm(x.transpose(1, 2), grad, out=grad_w)
+        grad_b = grad.sum(1) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
-                   bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
+                   grad_buffer: Optional[GradBuffer] = None) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 
     Args:
@@ -294,6 +321,8 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         counts: rows of each expert (host ints, length ``E``).
         bias: optional ``[E, out]``.
         capacity: rows per expert of the padded layout; None for the sorted layout.
+        grad_buffer: recycles the weight gradient's memory across steps (sorted layout, CPU); see
+            :mod:`moemix.layers.grad_buffers`.
 
     Returns:
         ``[R, out]``. Runs in the autocast dtype when autocast is on.
@@ -304,7 +333,6 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
         if capacity is not None:
-            xb = x.view(weight.shape[0], capacity, x.shape[-1])
-            out = torch.bmm(xb, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), xb, weight)
-            return out.view(x.shape[0], weight.shape[-1])
-        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts)
+            xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
+            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer).view(x.shape[0], weight.shape[-1])
+        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer)

@@ -5,20 +5,26 @@ For each expert ``e`` with assignments ``r_e`` (tokens ``t_e = r_e // k``, route
     h_e = x[t_e] @ W1_e + b1_e            a_e = act(h_e)  (GLU: act(gate) * up)
     y[t_e] += w_e * (a_e @ W2_e + b2_e)
 
-Only ``h_e`` is saved (gate and up separately for GLU, each from its own GEMM on a column block of
-``W1_e`` so both are contiguous). The backward never builds the ``[T*k, D]`` expert outputs: with
-``u_e = g_e @ W2_e^T`` (``g_e = grad_y[t_e]``) the router-weight gradient is
-``a_e . u_e + g_e . b2_e`` and the activation gradient ``w_e * u_e``. Every temporary is per expert,
-so on CPU it comes from the allocator's recycled heap instead of freshly faulted pages, which is what
-makes this the fastest strategy for large batches of coarse experts (see ``docs/results/moe_layer.md``).
-Any activation module works: its derivative is taken by autograd on the recomputed ``act(h_e)``.
+Only ``h_e`` is saved (one GEMM against the whole ``W1_e``; for GLU gate and up are its two column
+halves). The backward never builds the ``[T*k, D]`` expert outputs: with ``u_e = g_e @ W2_e^T``
+(``g_e = grad_y[t_e]``) the router-weight gradient is ``a_e . u_e + g_e . b2_e`` and the activation
+gradient ``w_e * u_e``; the gate and up gradients are written side by side into one ``[n_e, 2H]``
+buffer so ``W1_e``'s weight gradient and the input gradient are one GEMM each. Every temporary is per
+expert, so on CPU it comes from the allocator's recycled heap instead of freshly faulted pages, and
+the stacked weight gradients go into recycled buffers (:mod:`moemix.layers.grad_buffers`).
+The activation is recomputed in the backward: built-in activations use their closed-form derivative
+(:func:`moemix.layers.activations.activation_backward`), any other module is differentiated by
+autograd on the recomputed ``act(h_e)``.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from moemix.layers.activations import activation_backward
+from moemix.layers.grad_buffers import GradBuffer
 
 __all__ = ["fused_expert_mlp"]
 
@@ -33,37 +39,45 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: torch.Tensor, grad
         torch.sum(grad, dim=0, out=grad_b)
 
 
+def _apply_act(act: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    """``act(pre)`` that never overwrites ``pre`` (in-place activations get a copy): it is saved."""
+    return act(pre.clone()) if getattr(act, "inplace", False) else act(pre)
+
+
+def _rows(tensor: Optional[torch.Tensor]) -> list:
+    """Per-expert views ``tensor[e]`` (one call instead of ``E`` indexing ops), or ``None`` entries."""
+    return tensor.unbind(0) if tensor is not None else None
+
+
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu):
+    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers):
         out = x.new_zeros(x.shape[0], w2.shape[-1])
         hidden = w2.shape[1]
         tokens_sorted = torch.div(order, k, rounding_mode="floor")
-        weights_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype)
-        saved: List[Optional[tuple]] = []
-        start = 0
+        weights_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)
+        kept = sum(counts)
+        tokens = tokens_sorted[:kept].split(counts)
+        row_weights = weights_sorted[:kept].split(counts)
+        w1s, w2s, b1s, b2s = _rows(w1), _rows(w2), _rows(b1), _rows(b2)
+        saved: List[Optional[torch.Tensor]] = [None] * len(counts)
         for e, n in enumerate(counts):
             if n == 0:
-                saved.append(None)
                 continue
-            stop = start + n
-            t_e = tokens_sorted[start:stop]
-            x_e = x.index_select(0, t_e)
-            if glu:  # two GEMMs on the gate / up column blocks keep both outputs contiguous
-                gate = _linear(x_e, w1[e, :, :hidden], b1[e, :hidden] if b1 is not None else None)
-                up = _linear(x_e, w1[e, :, hidden:], b1[e, hidden:] if b1 is not None else None)
-                a_e = act(gate) * up
-                saved.append((gate, up))
+            h_e = _linear(x.index_select(0, tokens[e]), w1s[e], b1s[e] if b1 is not None else None)
+            pre = h_e[:, :hidden] if glu else h_e
+            a_e = _apply_act(act, pre)
+            if glu:
+                a_e = a_e * h_e[:, hidden:]
+            if b2 is None and a_e is not h_e:  # fold the router weight into the narrower tensor
+                y_e = torch.mm(a_e.mul_(row_weights[e]), w2s[e])
             else:
-                h_e = _linear(x_e, w1[e], b1[e] if b1 is not None else None)
-                a_e = act(h_e)
-                saved.append((h_e,))
-            y_e = _linear(a_e, w2[e], b2[e] if b2 is not None else None)
-            y_e.mul_(weights_sorted[start:stop].unsqueeze(-1))
-            out.index_add_(0, t_e, y_e)
-            start = stop
+                y_e = _linear(a_e, w2s[e], b2s[e] if b2 is not None else None).mul_(row_weights[e])
+            out.index_add_(0, tokens[e], y_e)
+            saved[e] = h_e
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
         ctx.saved_hidden, ctx.counts, ctx.act, ctx.glu = saved, counts, act, glu
+        ctx.grad_buffers = grad_buffers
         ctx.weights_dtype = weights.dtype
         return out
 
@@ -72,61 +86,73 @@ class _FusedExpertMLP(torch.autograd.Function):
         x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        act, glu, hidden = ctx.act, ctx.glu, w2.shape[1]
+        act, glu, hidden, counts = ctx.act, ctx.glu, w2.shape[1], ctx.counts
+        act_grad = activation_backward(act)
+        kept = sum(counts)
+        tokens = tokens_sorted[:kept].split(counts)
+        row_weights = weights_sorted[:kept].split(counts)
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_weights_sorted = torch.zeros_like(weights_sorted)
-        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+        grad_weights_sorted = weights_sorted.new_zeros(weights_sorted.shape[0])
+        dots_sorted = grad_weights_sorted[:kept].split(counts)
+        buffers = ctx.grad_buffers
+        grad_w1 = buffers[0].take(w1) if buffers is not None else torch.empty_like(w1)
+        grad_w2 = buffers[1].take(w2) if buffers is not None else torch.empty_like(w2)
         grad_b1 = torch.empty_like(b1) if b1 is not None else None
         grad_b2 = torch.empty_like(b2) if b2 is not None else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
+        w1s, w2s, b2s = _rows(w1), _rows(w2), _rows(b2)
+        gw1s, gw2s, gb1s, gb2s = _rows(grad_w1), _rows(grad_w2), _rows(grad_b1), _rows(grad_b2)
+        for e, n in enumerate(counts):
             if n == 0:
-                for grad in (grad_w1, grad_w2, grad_b1, grad_b2):
+                for grad in (gw1s, gw2s, gb1s, gb2s):
                     if grad is not None:
                         grad[e].zero_()
                 continue
-            stop = start + n
-            t_e, w_e = tokens_sorted[start:stop], weights_sorted[start:stop].unsqueeze(-1)
+            t_e, w_e, h_e = tokens[e], row_weights[e], ctx.saved_hidden[e]
+            pre = h_e[:, :hidden] if glu else h_e
             g_e = grad_out.index_select(0, t_e)
-            u_e = torch.mm(g_e, w2[e].t())  # gradient of (expert output . g) w.r.t. the activation
-            with torch.enable_grad():  # recompute the activation to differentiate any act module
-                pre = ctx.saved_hidden[e][0].detach().requires_grad_(True)
-                act_out = act(pre)
-            a_e = act_out.detach() * ctx.saved_hidden[e][1] if glu else act_out.detach()
+            u_e = torch.mm(g_e, w2s[e].t())  # gradient of (expert output . g) w.r.t. the activation
+            if act_grad is not None:
+                act_out = _apply_act(act, pre)
+            else:  # recompute the activation to differentiate any act module
+                with torch.enable_grad():
+                    pre = pre.detach().requires_grad_(True)
+                    act_graph = _apply_act(act, pre)
+                act_out = act_graph.detach()
+            a_e = act_out * h_e[:, hidden:] if glu else act_out
             if need_weights:
-                dots = (a_e * u_e).sum(-1)
-                grad_weights_sorted[start:stop] = dots + g_e @ b2[e] if b2 is not None else dots
+                dots = torch.sum(a_e * u_e, dim=-1, out=dots_sorted[e])
+                if b2 is not None:
+                    dots.add_(g_e @ b2s[e])
             g_e.mul_(w_e)
-            _weight_grad(a_e, g_e, grad_w2[e], grad_b2[e] if grad_b2 is not None else None)
+            _weight_grad(a_e, g_e, gw2s[e], gb2s[e] if b2 is not None else None)
             u_e.mul_(w_e)
-            x_e = x.index_select(0, t_e)
-            if glu:
-                up = ctx.saved_hidden[e][1]
-                (grad_gate,) = torch.autograd.grad(act_out, pre, u_e * up)
-                grad_up = u_e.mul_(act_out.detach())
-                for grad_h, cols in ((grad_gate, slice(None, hidden)), (grad_up, slice(hidden, None))):
-                    _weight_grad(x_e, grad_h, grad_w1[e, :, cols], grad_b1[e, cols] if grad_b1 is not None else None)
-                if need_x:
-                    grad_x_e = torch.mm(grad_gate, w1[e, :, :hidden].t())
-                    grad_x.index_add_(0, t_e, torch.addmm(grad_x_e, grad_up, w1[e, :, hidden:].t()))
+            grad_act = u_e * h_e[:, hidden:] if glu else u_e
+            if act_grad is not None:
+                grad_pre = act_grad(grad_act, pre, act_out)
             else:
-                (grad_h,) = torch.autograd.grad(act_out, pre, u_e)
-                _weight_grad(x_e, grad_h, grad_w1[e], grad_b1[e] if grad_b1 is not None else None)
-                if need_x:
-                    grad_x.index_add_(0, t_e, torch.mm(grad_h, w1[e].t()))
-            start = stop
+                (grad_pre,) = torch.autograd.grad(act_graph, pre, grad_act)
+            if glu:
+                grad_h = torch.empty_like(h_e)
+                grad_h[:, :hidden] = grad_pre
+                torch.mul(u_e, act_out, out=grad_h[:, hidden:])
+            else:
+                grad_h = grad_pre
+            _weight_grad(x.index_select(0, t_e), grad_h, gw1s[e], gb1s[e] if b1 is not None else None)
+            if need_x:
+                grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))
         grad_weights = None
         if need_weights:
             grad_weights = torch.zeros(weights.numel(), dtype=grad_weights_sorted.dtype, device=weights.device)
-            grad_weights.index_copy_(0, order[:grad_weights_sorted.numel()], grad_weights_sorted)
+            grad_weights.index_copy_(0, order, grad_weights_sorted)
             grad_weights = grad_weights.view_as(weights).to(ctx.weights_dtype)
         ctx.saved_hidden = None
-        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
+        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None
 
 
 def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: List[int], k: int,
                      w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
-                     act: nn.Module, glu: bool) -> torch.Tensor:
+                     act: nn.Module, glu: bool,
+                     grad_buffers: Optional[Tuple[GradBuffer, GradBuffer]] = None) -> torch.Tensor:
     """``y[t] = sum_j weights[t, j] * MLP_{e(t, j)}(x[t])`` by a per-expert loop.
 
     Args:
@@ -138,6 +164,7 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         k: experts per token.
         w1, b1, w2, b2: stacked expert parameters ``[E, D, H']``, ``[E, H']``, ``[E, H, D']``, ``[E, D']``.
         act: activation module; glu: gated form (``h`` holds gate then up).
+        grad_buffers: recycled buffers for the ``w1`` and ``w2`` gradients (CPU); None allocates.
 
     Returns:
         ``[T, D']``.
@@ -148,4 +175,4 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         b1 = b1.to(dtype) if b1 is not None else None
         b2 = b2.to(dtype) if b2 is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu)
+        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers)

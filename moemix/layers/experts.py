@@ -11,6 +11,7 @@ from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp
+from moemix.layers.grad_buffers import GradBuffer
 
 __all__ = ["GroupedExperts"]
 
@@ -73,6 +74,7 @@ class GroupedExperts(nn.Module):
         self.act = get_act_layer(act_layer)()
         self.drop1 = nn.Dropout(drop)
         self.drop2 = nn.Dropout(drop)
+        self._grad_buffers = (GradBuffer(), GradBuffer())  # recycled w1 / w2 gradients (CPU)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,18 +116,18 @@ class GroupedExperts(nn.Module):
         """
         if plan.layout == "loop" and not (self.training and self.drop1.p > 0):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
-                                    self.act, self.glu)
+                                    self.act, self.glu, self._grad_buffers)
         out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity)
         return combine_tokens(out_rows, weights, plan)
 
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
-        h = grouped_matmul(x, self.w1, counts, self.b1, capacity)
+        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0])
         if self.glu:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = h[:, :self.hidden_features], h[:, self.hidden_features:]  # slices: in-place acts work
             h = self.act(gate) * up
         else:
             h = self.act(h)
         h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity))
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1]))

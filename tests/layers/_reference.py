@@ -19,7 +19,8 @@ def reference_moe(moe, x):
         if experts.b1 is not None:
             h = h + experts.b1[e]
         if experts.glu:
-            gate, up = h.chunk(2, dim=-1)
+            hidden = h.shape[-1] // 2
+            gate, up = h[:, :hidden], h[:, hidden:]
             h = experts.act(gate) * up
         else:
             h = experts.act(h)

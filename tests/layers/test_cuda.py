@@ -8,7 +8,7 @@ from tests.layers._reference import reference_moe
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("layout", ["sorted", "padded"])
+@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
 @pytest.mark.parametrize("glu", [False, True])
 def test_cuda_matches_reference_loop(layout, glu):
     torch.manual_seed(0)
