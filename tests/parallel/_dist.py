@@ -1,4 +1,4 @@
-"""Run a function on N local gloo processes with a hard deadline (no test can hang)."""
+"""Run a function on N local processes (gloo, or NCCL with one GPU per rank) with a hard deadline."""
 from __future__ import annotations
 
 import datetime
@@ -17,23 +17,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_worker(rank: int, world_size: int, port: int) -> None:
+def init_worker(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
     torch.set_num_threads(1)  # two processes share two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
 
 
-def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
-    init_worker(rank, world_size, port)
+def _entry(rank: int, fn, world_size: int, port: int, backend: str, args) -> None:
+    init_worker(rank, world_size, port, backend)
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> None:
-    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; raises if any fails or times out."""
-    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, backend: str = "gloo") -> None:
+    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; raises if any fails or times out.
+
+    ``backend="nccl"`` puts rank ``r`` on GPU ``r``.
+    """
+    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, args), nprocs=world_size,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -57,15 +57,18 @@ def _make_data(shapes, out_features, skew):
     return xs, grads
 
 
-def run_case(rank: int, world_size: int, case: dict) -> dict:
+def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dict:
+    """One case on ``world_size`` ranks (the first ``world_size`` of its per-rank shapes)."""
     kwargs, scale = case["kwargs"], case.get("expert_grad_scale")
     torch.manual_seed(0)
     ref = SparseMoE(D, H, **kwargs)
     if case.get("skew"):
         with torch.no_grad():
             ref.router.weight.copy_(5 * torch.eye(ref.num_experts, D))
+    ref.to(device)
     ep = ExpertParallelMoE.from_sparse_moe(ref, expert_grad_scale=scale)
-    xs, grads = _make_data(case["shapes"], ref.out_features, case.get("skew"))
+    xs, grads = _make_data(case["shapes"][:world_size], ref.out_features, case.get("skew"))
+    xs, grads = [t.to(device) for t in xs], [t.to(device) for t in grads]
 
     x = xs[rank].clone().requires_grad_()
     y = ep(x)
@@ -174,6 +177,12 @@ def errors(rank: int, world_size: int) -> dict:
         "bad_rows": _message(lambda: all_to_all(torch.zeros(3, 2), [1, 2], [1, 1])),
         "wrong_last_dim": _message(lambda: ep(torch.zeros(2, D + 1))),
     }
+
+
+def nccl_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """Every equivalence case with rank ``r`` on ``cuda:r`` over NCCL."""
+    results = {name: run_case(rank, world_size, case, device=f"cuda:{rank}") for name, case in CASES.items()}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
