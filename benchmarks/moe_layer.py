@@ -1,6 +1,7 @@
 """Forward+backward speed of one MoE layer: moemix SparseMoE against the usual alternatives.
 
     python benchmarks/moe_layer.py [--quick] [--threads 2] [--json FILE] [--device cpu|cuda]
+    python benchmarks/moe_layer.py --profile fine,small_coarse   # where one step's time goes
 
 Variants (all compute the same function family: SwiGLU experts ``w2(silu(x w_gate) * (x w_up))``,
 no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, renormalised):
@@ -60,7 +61,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved_medians, max_rss_bytes, reset_peak_rss, rss_bytes, sync  # noqa: E402
 
-from moemix.layers import SparseMoE  # noqa: E402
+from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
 
 D = 512
 
@@ -359,6 +360,9 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
         step()
     for p in module.parameters():
         p.grad = None
+    for m in module.modules():  # moemix keeps gradient memory between steps: count it in the step
+        if isinstance(m, GroupedExperts):
+            m.release_grad_buffers()
     x.grad = None
     gc.collect()
     reset_peak_rss()
@@ -384,6 +388,32 @@ def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Opt
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def profile_case(cfg: Config, routing: str, args, device, names=("moemix", "hf_loop", "dense_active")) -> None:
+    """Print where one step's time goes (``--profile``): GEMM share and the largest other ops, per variant."""
+    from torch.profiler import profile
+
+    moe = make_moemix(cfg, routing, args.seed)
+    x = make_inputs(cfg, args.seed, device)
+    for name in names:
+        step = make_step(name, make_variant(name, cfg, moe, args).to(device), x)
+        for _ in range(2):
+            step()
+        sync(device)
+        with profile() as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        ops = [(e.key, e.self_cpu_time_total / 3e3) for e in prof.key_averages()]
+        total = sum(ms for _, ms in ops)
+        gemm = sum(ms for key, ms in ops if key in GEMM_OPS)
+        others = sorted(((ms, key) for key, ms in ops if key not in GEMM_OPS), reverse=True)[:6]
+        print(f"{cfg.name}/{routing} {name}: {total:.1f} ms per step under the profiler, GEMMs {gemm:.1f} ms "
+              f"({100 * gemm / total:.0f}%); then " + ", ".join(f"{key} {ms:.1f}" for ms, key in others))
+
+
 def variants_for(args, device) -> list:
     names = list(MAIN_VARIANTS)
     names += [f"moemix:{layout}" for layout in args.layouts.split(",") if layout]
@@ -481,6 +511,9 @@ def main(argv=None):
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
                         "applies to every variant in the process)")
+    p.add_argument("--profile", metavar="CASES", default=None,
+                   help="instead of timing, profile these cases (e.g. fine,small_coarse_skewed) for moemix, "
+                        "hf_loop and dense_active and print the GEMM share of each step")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -491,6 +524,14 @@ def main(argv=None):
         from moemix.utils import reuse_freed_memory
         if not reuse_freed_memory():
             sys.exit("--allocator reuse: could not change the allocator on this platform")
+
+    if args.profile:
+        cases = {(c.name if r == "balanced" else f"{c.name}_{r}"): (c, r) for c in CONFIGS for r in ROUTINGS}
+        for key in args.profile.split(","):
+            if key not in cases:
+                sys.exit(f"--profile: unknown case {key!r}; expected some of {sorted(cases)}")
+            profile_case(*cases[key], args, device)
+        return
 
     if args.mem_worker:
         cname, routing, name = args.mem_worker.split(",")

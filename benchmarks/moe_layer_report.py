@@ -2,12 +2,18 @@
 
     python benchmarks/moe_layer.py --layouts loop,sorted,padded --json default.json
     python benchmarks/moe_layer.py --layouts loop,sorted,padded --allocator reuse --json reuse.json
-    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] > docs/results/moe_layer.md
+    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] \
+        [--runs run1.json run2.json ...] > docs/results/moe_layer.md
+
+``--runs`` takes further runs of the same command (any subset of configurations, e.g.
+``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
+median over runs, for the configurations whose ratio moves between runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum)
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
@@ -51,6 +57,22 @@ def memory_table(results: dict) -> list:
     return lines
 
 
+def runs_table(runs: list) -> list:
+    """``vs_hf_loop`` of every case in every run, and the median over the runs."""
+    cases = []
+    for results in runs:
+        cases += [k for k in results if k != "meta" and k not in cases]
+    lines = ["| case | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | median | target |",
+             "|---" * (len(runs) + 3) + "|"]
+    for k in cases:
+        ratios = [r[k]["vs_hf_loop"] if k in r else None for r in runs]
+        median = statistics.median(v for v in ratios if v is not None)
+        hf_min = TARGETS.get(k, (None, None))[0]
+        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ratios)
+                     + f" | {median:.2f} | {'-' if hf_min is None else f'>= {hf_min}'} |")
+    return lines
+
+
 def meta_line(results: dict) -> str:
     m = results["meta"]
     return (f"`{m['command']}`: torch {m['torch']}, transformers {m.get('transformers', '-')}, {m['device']}"
@@ -62,6 +84,7 @@ def main():
     p.add_argument("default_json")
     p.add_argument("reuse_json", nargs="?")
     p.add_argument("--cuda", default=None)
+    p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
            "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
@@ -80,6 +103,14 @@ def main():
             reuse = json.load(f)
         out += ["", "## CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", "",
                 meta_line(reuse), ""] + table(reuse)
+    if args.runs:
+        runs = []
+        for path in args.runs:
+            with open(path) as f:
+                runs.append(json.load(f))
+        out += ["", "## CPU, default allocator: `vs_hf_loop` across repeated runs", "",
+                "Each run: " + meta_line(runs[0]) + " (one process per run, run one after another).", ""]
+        out += runs_table(runs)
     if args.cuda:
         with open(args.cuda) as f:
             cuda = json.load(f)

@@ -85,6 +85,13 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    def release_grad_buffers(self) -> None:
+        """Let go of the recycled weight-gradient memory kept between steps (CPU; e.g. before evaluation).
+
+        The next backward allocates afresh; nothing else changes.
+        """
+        self._grad_buffers = (GradBuffer(), GradBuffer())
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"hidden_features={self.hidden_features}, out_features={self.out_features}, glu={self.glu}, "

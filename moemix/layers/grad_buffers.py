@@ -13,6 +13,7 @@ Only CPU tensors are recycled; the CUDA caching allocator already reuses freed b
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -27,21 +28,23 @@ class GradBuffer:
 
     def __init__(self) -> None:
         self._storage: Optional[torch.UntypedStorage] = None
+        self._lock = threading.Lock()  # two backward threads must not both claim the free buffer
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor with ``like``'s shape, dtype and device."""
-        storage = self._storage
-        if (storage is not None and like.device == storage.device and storage.nbytes() == like.nbytes
-                and _storage_use_count(storage._cdata) == 1):
-            return torch.empty(0, dtype=like.dtype, device=like.device).set_(storage, 0, like.shape)
-        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        if like.device.type == "cpu" and _storage_use_count is not None:
+        if like.device.type != "cpu" or _storage_use_count is None:
+            self._storage = None
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        with self._lock:
+            storage = self._storage
+            if storage is not None and storage.nbytes() == like.nbytes and _storage_use_count(storage._cdata) == 1:
+                return torch.empty(0, dtype=like.dtype).set_(storage, 0, like.shape)
+            buf = torch.empty(like.shape, dtype=like.dtype)
             self._storage = buf.untyped_storage()
-        return buf
-
-    def release(self) -> None:
-        """Drop the kept storage (frees its memory once no gradient uses it)."""
-        self._storage = None
+            return buf
 
     def __getstate__(self) -> dict:
-        return {"_storage": None}
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

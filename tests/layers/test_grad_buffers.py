@@ -71,3 +71,14 @@ def test_copies_start_without_a_buffer():
         assert all(b._storage is None for b in clone.experts._grad_buffers)
         _step(clone, torch.randn(8, 16))
         assert clone.experts.w1.grad is not None
+
+
+def test_release_grad_buffers_gives_the_memory_back():
+    moe = SparseMoE(16, 32, num_experts=4, k=2, dispatch_layout="loop")
+    _step(moe, torch.randn(8, 16))
+    moe.zero_grad(set_to_none=True)
+    moe.experts.release_grad_buffers()
+    assert all(b._storage is None for b in moe.experts._grad_buffers)
+    _step(moe, torch.randn(8, 16))  # the next backward allocates and keeps a buffer again
+    assert all(b._storage is not None for b in moe.experts._grad_buffers)
+    assert torch.isfinite(moe.experts.w1.grad).all()
