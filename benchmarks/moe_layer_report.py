@@ -108,8 +108,9 @@ def main():
         for path in args.runs:
             with open(path) as f:
                 runs.append(json.load(f))
-        out += ["", "## CPU, default allocator: `vs_hf_loop` across repeated runs", "",
-                "Each run: " + meta_line(runs[0]) + " (one process per run, run one after another).", ""]
+        out += ["", "## CPU: `vs_hf_loop` across repeated runs", "",
+                "One process per run, run one after another:", ""]
+        out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += runs_table(runs)
     if args.cuda:
         with open(args.cuda) as f:
