@@ -69,7 +69,8 @@ class _FusedExpertMLP(torch.autograd.Function):
             a_e = _apply_act(act, pre)
             if glu:
                 a_e = a_e * h_e[:, hidden:]
-            if b2 is None and a_e is not h_e:  # fold the router weight into the narrower tensor
+            if b2 is None and a_e.untyped_storage().data_ptr() != h_e.untyped_storage().data_ptr():
+                # fold the router weight into the narrower tensor (never into the saved h_e)
                 y_e = torch.mm(a_e.mul_(row_weights[e]), w2s[e])
             else:
                 y_e = _linear(a_e, w2s[e], b2s[e] if b2 is not None else None).mul_(row_weights[e])

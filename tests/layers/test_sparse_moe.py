@@ -23,6 +23,13 @@ def _grads(module, x, fn):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+class _ViewOfInput(nn.Module):
+    """An activation whose output is a view of its input (must not be scaled in place)."""
+
+    def forward(self, x):
+        return x.view_as(x)
+
+
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(dispatch_layout="sorted"),
@@ -38,6 +45,7 @@ def _grads(module, x, fn):
     dict(dispatch_layout="loop", act_layer=nn.Hardswish, glu=True, bias=False),
     dict(dispatch_layout="loop", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
     dict(dispatch_layout="loop", act_layer=lambda: nn.ReLU(inplace=True)),
+    dict(dispatch_layout="loop", act_layer=_ViewOfInput, bias=False),
     dict(dispatch_layout="padded"),
     dict(dispatch_layout="padded", glu=True, bias=False),
     dict(dispatch_layout="sorted", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
