@@ -39,7 +39,7 @@ each round, medians reported. Memory: on CPU each variant runs one step in a fre
 (``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set): two warm-up steps, then the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the growth of the peak over the resident
 size just before one more step is reported (activations, temporaries, gradients; not parameters or
-inputs). On CUDA: ``max_memory_allocated`` growth over the allocated bytes before the step.
+inputs; moemix's recycled gradient memory is released first, so its gradients count like everyone's). On CUDA: ``max_memory_allocated`` growth over the allocated bytes before the step.
 """
 from __future__ import annotations
 

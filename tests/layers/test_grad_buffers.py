@@ -26,8 +26,9 @@ def test_take_reuses_only_released_storage():
 
 def test_take_allocates_for_another_size():
     buf = GradBuffer()
-    buf.take(torch.empty(3, 3))
-    assert buf.take(torch.empty(4, 4)).shape == (4, 4)
+    buf.take(torch.empty(3, 3))  # released at once: free, but too small for the next request
+    bigger = buf.take(torch.empty(4, 4))
+    assert bigger.shape == (4, 4) and bigger.untyped_storage().nbytes() == 4 * 16
 
 
 def _step(moe, x):
