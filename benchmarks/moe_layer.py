@@ -8,7 +8,10 @@ no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, r
 
 * ``moemix``: ``SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k)`` with its
   default auxiliary losses (Switch load-balance + router z-loss) computed in the forward pass as the
-  layer always does; only ``output.sum()`` is back-propagated.
+  layer always does; only ``output.sum()`` is back-propagated. ``--layouts`` adds the same layer with
+  one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``) and
+  ``moemix:loop_serial``, the fused loop with its CPU worker threads off
+  (:mod:`moemix.layers.expert_workers`).
 * ``hf_loop``: the HF-transformers Mixtral loop (transformers 4.x ``MixtralSparseMoeBlock``, written
   here): one ``nn.Linear`` triple per expert, ``torch.where(expert_mask[e])``, gather, expert MLP,
   ``index_add_``. This is the baseline of the issue's targets (``vs_hf_loop``).
@@ -62,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved_medians, max_rss_bytes, reset_peak_rss, rss_bytes, sync  # noqa: E402
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
+from moemix.layers.expert_workers import set_expert_workers  # noqa: E402
 
 D = 512
 
@@ -83,6 +87,7 @@ CONFIGS = [
 ]
 ROUTINGS = ("balanced", "skewed")
 MAIN_VARIANTS = ("moemix", "hf_loop", "gshard", "dense_active")
+SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worker threads turned off
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,8 +230,9 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     if name == "moemix":
         return moe
     if name.startswith("moemix:"):  # the same layer with one dispatch strategy forced
+        layout = name.split(":", 1)[1]
         forced = SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k,
-                           dispatch_layout=name.split(":", 1)[1])
+                           dispatch_layout="loop" if layout == SERIAL_LOOP else layout)
         forced.load_state_dict(moe.state_dict())
         return forced
     if name == "hf_loop":
@@ -293,7 +299,17 @@ def make_step(name: str, module: nn.Module, x: torch.Tensor) -> Callable[[], Non
         x.grad = None
         forward_of(name, module, x).sum().backward()
 
-    return step
+    if name != f"moemix:{SERIAL_LOOP}":
+        return step
+
+    def serial_step():  # the fused loop without its CPU worker threads
+        set_expert_workers(False)
+        try:
+            step()
+        finally:
+            set_expert_workers(True)
+
+    return serial_step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,7 +523,8 @@ def main(argv=None):
     p.add_argument("--capacity-factor", type=float, default=1.25, help="GShard capacity factor (default 1.25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
-                   "e.g. loop,sorted,padded (the data behind the 'auto' rule)")
+                   f"e.g. loop,sorted,padded (the data behind the 'auto' rule); {SERIAL_LOOP} is the fused loop "
+                   "without its CPU worker threads")
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
                         "applies to every variant in the process)")

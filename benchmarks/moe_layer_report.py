@@ -18,8 +18,8 @@ import statistics
 TARGETS = {  # the targets, (vs_hf_loop minimum, vs_dense_active maximum)
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
 }
-COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop", "moemix:sorted",
-           "moemix:padded", "megablocks"]
+COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop",
+           "moemix:loop_serial", "moemix:sorted", "moemix:padded", "megablocks"]
 
 
 def fmt(v):

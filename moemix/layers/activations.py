@@ -32,24 +32,33 @@ def get_act_layer(act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]
     return act_layer
 
 
-def activation_backward(act: nn.Module) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
-    """Closed-form backward ``(grad_output, input, output) -> grad_input`` of a built-in activation.
+def activation_backward(act: nn.Module) -> Optional[Callable[..., Tensor]]:
+    """Closed-form backward ``(grad_output, input, output, out=None) -> grad_input`` of a built-in activation.
 
-    Exact types only (a subclass may change ``forward``); ``None`` for anything else, whose gradient
-    callers take by autograd on a recomputed forward.
+    With ``out`` the gradient is written into it (any strides, the input's shape) and returned. Exact
+    types only (a subclass may change ``forward``); ``None`` for anything else, whose gradient callers
+    take by autograd on a recomputed forward.
     """
+    aten = torch.ops.aten
     kind = type(act)
-    if kind is nn.SiLU:
-        return lambda grad, inp, out: torch.ops.aten.silu_backward(grad, inp)
-    if kind is nn.GELU:
-        approximate = act.approximate
-        return lambda grad, inp, out: torch.ops.aten.gelu_backward(grad, inp, approximate=approximate)
-    if kind is nn.ReLU:
-        return lambda grad, inp, out: torch.ops.aten.threshold_backward(grad, out, 0)
-    if kind is nn.Tanh:
-        return lambda grad, inp, out: torch.ops.aten.tanh_backward(grad, out)
-    if kind is nn.Sigmoid:
-        return lambda grad, inp, out: torch.ops.aten.sigmoid_backward(grad, out)
     if kind is nn.Identity:
-        return lambda grad, inp, out: grad
-    return None
+        return lambda grad, inp, output, out=None: grad if out is None else out.copy_(grad)
+    kwargs = {}
+    if kind is nn.SiLU:
+        op, of_output, extra = aten.silu_backward, False, ()
+    elif kind is nn.GELU:
+        op, of_output, extra, kwargs = aten.gelu_backward, False, (), {"approximate": act.approximate}
+    elif kind is nn.ReLU:
+        op, of_output, extra = aten.threshold_backward, True, (0,)
+    elif kind is nn.Tanh:
+        op, of_output, extra = aten.tanh_backward, True, ()
+    elif kind is nn.Sigmoid:
+        op, of_output, extra = aten.sigmoid_backward, True, ()
+    else:
+        return None
+
+    def backward(grad: Tensor, inp: Tensor, output: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        args = (grad, output if of_output else inp, *extra)
+        return op(*args, **kwargs) if out is None else op.grad_input(*args, **kwargs, grad_input=out)
+
+    return backward

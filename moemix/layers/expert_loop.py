@@ -2,28 +2,30 @@
 
 For each expert ``e`` with assignments ``r_e`` (tokens ``t_e = r_e // k``, router weights ``w_e``):
 
-    h_e = x[t_e] @ W1_e + b1_e            a_e = act(h_e)  (GLU: act(gate) * up)
+    x_e = x[t_e]      h_e = x_e @ W1_e + b1_e      a_e = act(h_e)  (GLU: act(gate) * up)
     y[t_e] += w_e * (a_e @ W2_e + b2_e)
 
-Only ``h_e`` is saved (one GEMM against the whole ``W1_e``; for GLU gate and up are its two column
-halves). The backward never builds the ``[T*k, D]`` expert outputs: with ``u_e = g_e @ W2_e^T``
-(``g_e = grad_y[t_e]``) the router-weight gradient is ``a_e . u_e + g_e . b2_e`` and the activation
+Saved per expert: ``x_e``, ``h_e`` (one GEMM against the whole ``W1_e``; for GLU gate and up are its
+column halves) and ``act(h_e)`` (``act(gate)`` for GLU), the tensors autograd would keep, but neither
+the weighted ``a_e`` nor the ``[T*k, D]`` expert outputs. In the backward, with ``g_e = grad_y[t_e]``
+and ``u_e = g_e @ W2_e^T``, the router-weight gradient is ``a_e . u_e + g_e . b2_e`` and the activation
 gradient ``w_e * u_e``; the gate and up gradients are written side by side into one ``[n_e, 2H]``
-buffer so ``W1_e``'s weight gradient and the input gradient are one GEMM each. Every temporary is per
-expert, so on CPU it comes from the allocator's recycled heap instead of freshly faulted pages, and
-the stacked weight gradients go into recycled buffers (:mod:`moemix.layers.grad_buffers`).
-The activation is recomputed in the backward: built-in activations use their closed-form derivative
-(:func:`moemix.layers.activations.activation_backward`), any other module is differentiated by
-autograd on the recomputed ``act(h_e)``.
+buffer, so ``W1_e``'s weight gradient and the input gradient are one GEMM each. Every temporary is per
+expert (on CPU it comes from the allocator's recycled heap instead of freshly faulted pages), the saved
+tensors of an expert are let go once its gradient is done, and the stacked weight gradients go into
+recycled buffers (:mod:`moemix.layers.grad_buffers`). Built-in activations use their closed-form
+derivative (:func:`moemix.layers.activations.activation_backward`); any other module is differentiated
+by autograd on a recomputed ``act(h_e)``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from moemix.layers.activations import activation_backward
+from moemix.layers.expert_workers import expert_groups, expert_worker_count, run_expert_groups
 from moemix.layers.grad_buffers import GradBuffer
 
 __all__ = ["fused_expert_mlp"]
@@ -45,14 +47,28 @@ def _apply_act(act: nn.Module, pre: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(tensor: Optional[torch.Tensor]) -> list:
-    """Per-expert views ``tensor[e]`` (one call instead of ``E`` indexing ops), or ``None`` entries."""
-    return tensor.unbind(0) if tensor is not None else None
+    """Per-expert views ``tensor[e]`` (one call instead of ``E`` indexing ops); empty for None."""
+    return tensor.unbind(0) if tensor is not None else []
+
+
+def _at(rows: list, e: int) -> Optional[torch.Tensor]:
+    """``rows[e]``, or None for an absent (bias) tensor."""
+    return rows[e] if rows else None
+
+
+def _sum_into_first(parts: List[Optional[torch.Tensor]], empty: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of the worker groups' partial results (the first one accumulates); ``empty()`` when none."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return empty()
+    for part in parts[1:]:
+        parts[0].add_(part)
+    return parts[0]
 
 
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers):
-        out = x.new_zeros(x.shape[0], w2.shape[-1])
         hidden = w2.shape[1]
         tokens_sorted = torch.div(order, k, rounding_mode="floor")
         weights_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)
@@ -60,24 +76,27 @@ class _FusedExpertMLP(torch.autograd.Function):
         tokens = tokens_sorted[:kept].split(counts)
         row_weights = weights_sorted[:kept].split(counts)
         w1s, w2s, b1s, b2s = _rows(w1), _rows(w2), _rows(b1), _rows(b2)
-        saved: List[Optional[torch.Tensor]] = [None] * len(counts)
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h_e = _linear(x.index_select(0, tokens[e]), w1s[e], b1s[e] if b1 is not None else None)
-            pre = h_e[:, :hidden] if glu else h_e
-            a_e = _apply_act(act, pre)
-            if glu:
-                a_e = a_e * h_e[:, hidden:]
-            if b2 is None and a_e.untyped_storage().data_ptr() != h_e.untyped_storage().data_ptr():
-                # fold the router weight into the narrower tensor (never into the saved h_e)
-                y_e = torch.mm(a_e.mul_(row_weights[e]), w2s[e])
-            else:
-                y_e = _linear(a_e, w2s[e], b2s[e] if b2 is not None else None).mul_(row_weights[e])
-            out.index_add_(0, tokens[e], y_e)
-            saved[e] = h_e
+        saved: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(counts)
+
+        def run(group: List[int]) -> torch.Tensor:
+            out = x.new_zeros(x.shape[0], w2.shape[-1])
+            for e in group:
+                x_e = x.index_select(0, tokens[e])
+                h_e = _linear(x_e, w1s[e], _at(b1s, e))
+                act_out = _apply_act(act, h_e[:, :hidden] if glu else h_e)
+                a_e = act_out * h_e[:, hidden:] if glu else act_out
+                if b2 is None:  # fold the router weight into a_e (a copy when it is the saved act_out)
+                    y_e = torch.mm(a_e.mul_(row_weights[e]) if glu else a_e * row_weights[e], w2s[e])
+                else:
+                    y_e = torch.addmm(b2s[e], a_e, w2s[e]).mul_(row_weights[e])
+                out.index_add_(0, tokens[e], y_e)
+                saved[e] = (x_e, h_e, act_out)
+            return out
+
+        groups = expert_groups(counts, expert_worker_count(x.device, counts))
+        out = _sum_into_first(run_expert_groups(run, groups), lambda: x.new_zeros(x.shape[0], w2.shape[-1]))
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
-        ctx.saved_hidden, ctx.counts, ctx.act, ctx.glu = saved, counts, act, glu
+        ctx.saved_experts, ctx.groups, ctx.counts, ctx.act, ctx.glu = saved, groups, counts, act, glu
         ctx.grad_buffers = grad_buffers
         ctx.weights_dtype = weights.dtype
         return out
@@ -85,6 +104,10 @@ class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted = ctx.saved_tensors
+        saved = ctx.saved_experts
+        if saved is None:
+            raise RuntimeError("the fused expert loop frees its saved tensors after one backward; "
+                               "backward through it a second time (retain_graph) is not supported")
         grad_out = grad_out.contiguous()
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         act, glu, hidden, counts = ctx.act, ctx.glu, w2.shape[1], ctx.counts
@@ -92,7 +115,6 @@ class _FusedExpertMLP(torch.autograd.Function):
         kept = sum(counts)
         tokens = tokens_sorted[:kept].split(counts)
         row_weights = weights_sorted[:kept].split(counts)
-        grad_x = torch.zeros_like(x) if need_x else None
         grad_weights_sorted = weights_sorted.new_zeros(weights_sorted.shape[0])
         dots_sorted = grad_weights_sorted[:kept].split(counts)
         buffers = ctx.grad_buffers
@@ -103,50 +125,59 @@ class _FusedExpertMLP(torch.autograd.Function):
         w1s, w2s, b2s = _rows(w1), _rows(w2), _rows(b2)
         gw1s, gw2s, gb1s, gb2s = _rows(grad_w1), _rows(grad_w2), _rows(grad_b1), _rows(grad_b2)
         for e, n in enumerate(counts):
-            if n == 0:
+            if n == 0:  # experts without tokens get zero gradients
                 for grad in (gw1s, gw2s, gb1s, gb2s):
-                    if grad is not None:
+                    if grad:
                         grad[e].zero_()
-                continue
-            t_e, w_e, h_e = tokens[e], row_weights[e], ctx.saved_hidden[e]
-            pre = h_e[:, :hidden] if glu else h_e
-            g_e = grad_out.index_select(0, t_e)
-            u_e = torch.mm(g_e, w2s[e].t())  # gradient of (expert output . g) w.r.t. the activation
-            if act_grad is not None:
-                act_out = _apply_act(act, pre)
-            else:  # recompute the activation to differentiate any act module
-                with torch.enable_grad():
-                    pre = pre.detach().requires_grad_(True)
-                    act_graph = _apply_act(act, pre)
-                act_out = act_graph.detach()
-            a_e = act_out * h_e[:, hidden:] if glu else act_out
-            if need_weights:
-                dots = torch.sum(a_e * u_e, dim=-1, out=dots_sorted[e])
-                if b2 is not None:
-                    dots.add_(g_e @ b2s[e])
-            g_e.mul_(w_e)
-            _weight_grad(a_e, g_e, gw2s[e], gb2s[e] if b2 is not None else None)
-            u_e.mul_(w_e)
-            grad_act = u_e * h_e[:, hidden:] if glu else u_e
-            if act_grad is not None:
-                grad_pre = act_grad(grad_act, pre, act_out)
-            else:
-                (grad_pre,) = torch.autograd.grad(act_graph, pre, grad_act)
-            if glu:
-                grad_h = torch.empty_like(h_e)
-                grad_h[:, :hidden] = grad_pre
-                torch.mul(u_e, act_out, out=grad_h[:, hidden:])
-            else:
-                grad_h = grad_pre
-            _weight_grad(x.index_select(0, t_e), grad_h, gw1s[e], gb1s[e] if b1 is not None else None)
-            if need_x:
-                grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))
+
+        def run(group: List[int]) -> Optional[torch.Tensor]:
+            grad_x = torch.zeros_like(x) if need_x else None
+            for e in group:
+                x_e, h_e, act_out = saved[e]
+                saved[e] = None  # this expert's activations are no longer needed
+                t_e, w_e = tokens[e], row_weights[e]
+                pre = h_e[:, :hidden] if glu else h_e
+                g_e = grad_out.index_select(0, t_e)
+                u_e = torch.mm(g_e, w2s[e].t())  # gradient of (expert output . g) w.r.t. the activation
+                a_e = act_out * h_e[:, hidden:] if glu else act_out
+                if need_weights:
+                    dots = torch.sum(a_e * u_e, dim=-1, out=dots_sorted[e])
+                    if b2 is not None:
+                        dots.add_(g_e @ b2s[e])
+                if glu and b2 is None and hidden <= g_e.shape[1]:  # scale the narrower (a_e is a fresh product)
+                    _weight_grad(a_e.mul_(w_e), g_e, gw2s[e], None)
+                else:
+                    _weight_grad(a_e, g_e.mul_(w_e), gw2s[e], _at(gb2s, e))
+                u_e.mul_(w_e)
+                if glu:
+                    grad_h = torch.empty_like(h_e)
+                    torch.mul(u_e, act_out, out=grad_h[:, hidden:])
+                    grad_act, grad_pre_out = u_e.mul_(h_e[:, hidden:]), grad_h[:, :hidden]
+                else:
+                    grad_act, grad_pre_out = u_e, None
+                if act_grad is not None:
+                    grad_pre = act_grad(grad_act, pre, act_out, out=grad_pre_out)
+                else:  # differentiate any act module by autograd on a recomputed forward
+                    with torch.enable_grad():
+                        pre_leaf = pre.detach().requires_grad_(True)
+                        (grad_pre,) = torch.autograd.grad(_apply_act(act, pre_leaf), pre_leaf, grad_act)
+                    if grad_pre_out is not None:
+                        grad_pre = grad_pre_out.copy_(grad_pre)
+                if not glu:
+                    grad_h = grad_pre
+                _weight_grad(x_e, grad_h, gw1s[e], _at(gb1s, e))
+                if need_x:
+                    grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))
+            return grad_x
+
+        parts = run_expert_groups(run, ctx.groups)
+        grad_x = _sum_into_first(parts, lambda: torch.zeros_like(x)) if need_x else None
         grad_weights = None
         if need_weights:
             grad_weights = torch.zeros(weights.numel(), dtype=grad_weights_sorted.dtype, device=weights.device)
             grad_weights.index_copy_(0, order, grad_weights_sorted)
             grad_weights = grad_weights.view_as(weights).to(ctx.weights_dtype)
-        ctx.saved_hidden = None
+        ctx.saved_experts = None
         return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None
 
 
@@ -168,7 +199,7 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         grad_buffers: recycled buffers for the ``w1`` and ``w2`` gradients (CPU); None allocates.
 
     Returns:
-        ``[T, D']``.
+        ``[T, D']``. Backward through it once (its per-expert activations are freed as it goes).
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
