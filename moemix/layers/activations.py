@@ -1,4 +1,5 @@
-"""Resolve activation layers given as a type, a factory or a name (timm ``get_act_layer`` style)."""
+"""Activation layers: resolution by name (timm ``get_act_layer`` style), closed-form gradients, and the
+gated (GLU) activation ``act(gate) * up`` as one autograd node."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Type, Union
@@ -6,7 +7,8 @@ from typing import Callable, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["get_act_layer", "activation_backward", "ACT_LAYERS"]
+__all__ = ["get_act_layer", "activation_backward", "apply_activation", "activation_input_grad", "gated_activation",
+           "gated_activation_grad", "ACT_LAYERS"]
 
 ACT_LAYERS = {
     "gelu": nn.GELU,
@@ -62,3 +64,60 @@ def activation_backward(act: nn.Module) -> Optional[Callable[..., Tensor]]:
         return op(*args, **kwargs) if out is None else op.grad_input(*args, **kwargs, grad_input=out)
 
     return backward
+
+
+def apply_activation(act: nn.Module, x: Tensor) -> Tensor:
+    """``act(x)`` that never overwrites ``x`` (an activation with ``inplace=True`` gets a copy)."""
+    return act(x.clone()) if getattr(act, "inplace", False) else act(x)
+
+
+def activation_input_grad(act: nn.Module, grad: Tensor, inp: Tensor, output: Tensor,
+                          out: Optional[Tensor] = None) -> Tensor:
+    """Gradient of ``act`` at ``inp`` (``output = act(inp)``) for output gradient ``grad``.
+
+    Closed form for the built-in activations (:func:`activation_backward`), else autograd on a
+    recomputed ``act(inp)``. Written into ``out`` when given.
+    """
+    closed_form = activation_backward(act)
+    if closed_form is not None:
+        return closed_form(grad, inp, output, out=out)
+    with torch.enable_grad():
+        leaf = inp.detach().requires_grad_(True)
+        (grad_inp,) = torch.autograd.grad(apply_activation(act, leaf), leaf, grad)
+    return grad_inp if out is None else out.copy_(grad_inp)
+
+
+def gated_activation_grad(act: nn.Module, grad: Tensor, h: Tensor, act_out: Tensor) -> Tensor:
+    """Gradient of ``act(gate) * up`` w.r.t. ``h = [gate | up]`` (``[..., 2H]``) for output gradient ``grad``
+    (``[..., H]``), given ``act_out = act(gate)``; both halves written into one new tensor."""
+    hidden = h.shape[-1] // 2
+    grad_h = torch.empty_like(h)
+    torch.mul(grad, act_out, out=grad_h[..., hidden:])
+    activation_input_grad(act, grad * h[..., hidden:], h[..., :hidden], act_out, out=grad_h[..., :hidden])
+    return grad_h
+
+
+class _GatedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, act):
+        hidden = h.shape[-1] // 2
+        act_out = apply_activation(act, h[..., :hidden])
+        ctx.save_for_backward(h, act_out)
+        ctx.act = act
+        return act_out * h[..., hidden:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act_out = ctx.saved_tensors
+        return gated_activation_grad(ctx.act, grad, h, act_out), None
+
+
+def gated_activation(h: Tensor, act: nn.Module) -> Tensor:
+    """GLU: ``act(gate) * up`` for ``h = [gate | up]`` ``[..., 2H] -> [..., H]`` (Shazeer 2020).
+
+    One autograd node: the backward writes the gate and up gradients side by side into one ``[..., 2H]``
+    tensor instead of two zero-padded slice gradients that are then added.
+    """
+    if h.shape[-1] % 2:
+        raise ValueError(f"h must have an even last dimension (gate then up), got {h.shape[-1]}")
+    return _GatedActivation.apply(h, act)

@@ -10,12 +10,11 @@ column halves) and ``act(h_e)`` (``act(gate)`` for GLU), the tensors autograd wo
 the weighted ``a_e`` nor the ``[T*k, D]`` expert outputs. In the backward, with ``g_e = grad_y[t_e]``
 and ``u_e = g_e @ W2_e^T``, the router-weight gradient is ``a_e . u_e + g_e . b2_e`` and the activation
 gradient ``w_e * u_e``; the gate and up gradients are written side by side into one ``[n_e, 2H]``
-buffer, so ``W1_e``'s weight gradient and the input gradient are one GEMM each. Every temporary is per
-expert (on CPU it comes from the allocator's recycled heap instead of freshly faulted pages), the saved
-tensors of an expert are let go once its gradient is done, and the stacked weight gradients go into
-recycled buffers (:mod:`moemix.layers.grad_buffers`). Built-in activations use their closed-form
-derivative (:func:`moemix.layers.activations.activation_backward`); any other module is differentiated
-by autograd on a recomputed ``act(h_e)``.
+tensor (:func:`moemix.layers.activations.gated_activation_grad`), so ``W1_e``'s weight gradient and the
+input gradient are one GEMM each. Every temporary is per expert (on CPU it comes from the allocator's
+recycled heap instead of freshly faulted pages), an expert's saved tensors are let go once its gradient
+is done, and the stacked weight gradients go into recycled buffers (:mod:`moemix.layers.grad_buffers`).
+On CPU, groups of experts run side by side on worker threads (:mod:`moemix.layers.expert_workers`).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from moemix.layers.activations import activation_backward
+from moemix.layers.activations import activation_input_grad, apply_activation, gated_activation_grad
 from moemix.layers.expert_workers import expert_groups, expert_worker_count, run_expert_groups
 from moemix.layers.grad_buffers import GradBuffer
 
@@ -39,11 +38,6 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: torch.Tensor, grad
     torch.mm(x.t(), grad, out=grad_w)
     if grad_b is not None:
         torch.sum(grad, dim=0, out=grad_b)
-
-
-def _apply_act(act: nn.Module, pre: torch.Tensor) -> torch.Tensor:
-    """``act(pre)`` that never overwrites ``pre`` (in-place activations get a copy): it is saved."""
-    return act(pre.clone()) if getattr(act, "inplace", False) else act(pre)
 
 
 def _rows(tensor: Optional[torch.Tensor]) -> list:
@@ -83,7 +77,7 @@ class _FusedExpertMLP(torch.autograd.Function):
             for e in group:
                 x_e = x.index_select(0, tokens[e])
                 h_e = _linear(x_e, w1s[e], _at(b1s, e))
-                act_out = _apply_act(act, h_e[:, :hidden] if glu else h_e)
+                act_out = apply_activation(act, h_e[:, :hidden] if glu else h_e)
                 a_e = act_out * h_e[:, hidden:] if glu else act_out
                 if b2 is None:  # fold the router weight into a_e (a copy when it is the saved act_out)
                     y_e = torch.mm(a_e.mul_(row_weights[e]) if glu else a_e * row_weights[e], w2s[e])
@@ -111,7 +105,6 @@ class _FusedExpertMLP(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         act, glu, hidden, counts = ctx.act, ctx.glu, w2.shape[1], ctx.counts
-        act_grad = activation_backward(act)
         kept = sum(counts)
         tokens = tokens_sorted[:kept].split(counts)
         row_weights = weights_sorted[:kept].split(counts)
@@ -136,7 +129,6 @@ class _FusedExpertMLP(torch.autograd.Function):
                 x_e, h_e, act_out = saved[e]
                 saved[e] = None  # this expert's activations are no longer needed
                 t_e, w_e = tokens[e], row_weights[e]
-                pre = h_e[:, :hidden] if glu else h_e
                 g_e = grad_out.index_select(0, t_e)
                 u_e = torch.mm(g_e, w2s[e].t())  # gradient of (expert output . g) w.r.t. the activation
                 a_e = act_out * h_e[:, hidden:] if glu else act_out
@@ -149,22 +141,7 @@ class _FusedExpertMLP(torch.autograd.Function):
                 else:
                     _weight_grad(a_e, g_e.mul_(w_e), gw2s[e], _at(gb2s, e))
                 u_e.mul_(w_e)
-                if glu:
-                    grad_h = torch.empty_like(h_e)
-                    torch.mul(u_e, act_out, out=grad_h[:, hidden:])
-                    grad_act, grad_pre_out = u_e.mul_(h_e[:, hidden:]), grad_h[:, :hidden]
-                else:
-                    grad_act, grad_pre_out = u_e, None
-                if act_grad is not None:
-                    grad_pre = act_grad(grad_act, pre, act_out, out=grad_pre_out)
-                else:  # differentiate any act module by autograd on a recomputed forward
-                    with torch.enable_grad():
-                        pre_leaf = pre.detach().requires_grad_(True)
-                        (grad_pre,) = torch.autograd.grad(_apply_act(act, pre_leaf), pre_leaf, grad_act)
-                    if grad_pre_out is not None:
-                        grad_pre = grad_pre_out.copy_(grad_pre)
-                if not glu:
-                    grad_h = grad_pre
+                grad_h = (gated_activation_grad if glu else activation_input_grad)(act, u_e, h_e, act_out)
                 _weight_grad(x_e, grad_h, gw1s[e], _at(gb1s, e))
                 if need_x:
                     grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))

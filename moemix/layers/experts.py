@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moemix.layers._validate import check_positive_int, check_probability
-from moemix.layers.activations import get_act_layer
+from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp
 from moemix.layers.grad_buffers import GradBuffer
@@ -131,10 +131,6 @@ class GroupedExperts(nn.Module):
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
         h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0])
-        if self.glu:
-            gate, up = h[:, :self.hidden_features], h[:, self.hidden_features:]  # slices: in-place acts work
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
+        h = gated_activation(h, self.act) if self.glu else self.act(h)
         h = self.drop1(h)
         return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1]))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from moemix.layers.activations import activation_backward
+from moemix.layers.activations import activation_backward, activation_input_grad, gated_activation
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.Tanh(),
@@ -41,3 +41,42 @@ def test_closed_form_backward_writes_into_a_strided_out(act):
     assert result.data_ptr() == target[:, 3:8].data_ptr()
     torch.testing.assert_close(target[:, 3:8], expected)
     assert torch.isnan(target[:, :3]).all() and torch.isnan(target[:, 8:]).all()
+
+
+class _TimesSoftplus(nn.Module):
+    """No closed form: its gradient comes from autograd on a recomputed forward."""
+
+    def forward(self, x):
+        return x * nn.functional.softplus(x)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.ReLU(inplace=True), nn.SiLU(inplace=True), nn.Identity(),
+                                 _TimesSoftplus()])
+def test_gated_activation_equals_slices_by_autograd(act):
+    h = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 5, dtype=torch.float64)
+    out = gated_activation(h, act)
+    (got,) = torch.autograd.grad(out, h, grad)
+    h_ref = h.detach().clone().requires_grad_(True)
+    ref = act(h_ref[..., :5].clone()) * h_ref[..., 5:]
+    (expected,) = torch.autograd.grad(ref, h_ref, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(h.detach(), h_ref.detach())  # an in-place activation never touched h
+
+
+def test_gated_activation_needs_an_even_width():
+    with pytest.raises(ValueError, match="even last dimension"):
+        gated_activation(torch.randn(2, 5), nn.SiLU())
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), _TimesSoftplus()])
+def test_activation_input_grad_writes_into_out(act):
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(6, 3, dtype=torch.float64)
+    out = act(x)
+    (expected,) = torch.autograd.grad(out, x, grad)
+    target = torch.zeros(6, 5, dtype=torch.float64)
+    activation_input_grad(act, grad, x.detach(), out.detach(), out=target[:, 1:4])
+    torch.testing.assert_close(target[:, 1:4], expected)
+    torch.testing.assert_close(activation_input_grad(act, grad, x.detach(), out.detach()), expected)
