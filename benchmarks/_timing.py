@@ -2,7 +2,8 @@
 
 * :func:`interleaved_medians` times several step functions round-robin (one call of each per round,
   the order rotated every round so no variant always runs first or last) and returns per-variant
-  medians in milliseconds.
+  medians in milliseconds, with every round's time; :func:`paired_ratio` is the median over rounds of
+  the ratio of two variants' times.
 * :func:`rss_bytes` / :func:`max_rss_bytes` read the current and peak resident set size of this
   process, used by the per-variant memory subprocess on CPU.
 """
@@ -15,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["sync", "time_call", "interleaved_medians", "rss_bytes", "max_rss_bytes", "reset_peak_rss"]
+__all__ = ["sync", "time_call", "interleaved_medians", "paired_ratio", "rss_bytes", "max_rss_bytes", "reset_peak_rss"]
 
 
 def sync(device: torch.device | str) -> None:
@@ -55,8 +56,19 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device
             spent += dt
         if budget_s is not None and r >= 2 and spent > budget_s:
             break
-    return {name: {"ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "max_ms": 1e3 * max(s), "n": len(s)}
+    return {name: {"ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "max_ms": 1e3 * max(s), "n": len(s),
+                   "samples_ms": [1e3 * t for t in s]}
             for name, s in samples.items()}
+
+
+def paired_ratio(numerator: Dict[str, object], denominator: Dict[str, object]) -> float:
+    """Median over rounds of ``numerator / denominator`` time, from two :func:`interleaved_medians` entries.
+
+    Both variants ran in the same rounds, next to each other, so a slow spell of a shared machine hits
+    both sides of each round's ratio; the median of these paired ratios is steadier than a ratio of medians.
+    """
+    pairs = zip(numerator["samples_ms"], denominator["samples_ms"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def rss_bytes() -> int:

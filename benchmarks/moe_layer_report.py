@@ -91,7 +91,8 @@ def main():
            "docstring for the commands). Forward + backward of one layer, D=512, fp32, SwiGLU experts without "
            "bias, medians of interleaved repeats; `vs_hf_loop` = HF time / moemix time (higher is better), "
            "`vs_dense_active` = moemix time / time of a dense SwiGLU FFN with hidden k*H (the same active "
-           "FLOPs; 1.0 is the practical limit). `moemix` is the default (`dispatch_layout=\"auto\"`); the "
+           "FLOPs; 1.0 is the practical limit); both ratios are medians over rounds of the two variants' "
+           "time ratio within a round, so they need not equal the ratio of the ms columns. `moemix` is the default (`dispatch_layout=\"auto\"`); the "
            "`moemix:<strategy>` columns force one strategy and are the data behind the auto rule.", ""]
     with open(args.default_json) as f:
         default = json.load(f)

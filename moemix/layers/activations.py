@@ -6,9 +6,10 @@ from typing import Callable, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["get_act_layer", "activation_backward", "apply_activation", "activation_input_grad", "gated_activation",
-           "gated_activation_grad", "ACT_LAYERS"]
+__all__ = ["get_act_layer", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
+           "ACT_LAYERS"]
 
 ACT_LAYERS = {
     "gelu": nn.GELU,
@@ -71,53 +72,45 @@ def apply_activation(act: nn.Module, x: Tensor) -> Tensor:
     return act(x.clone()) if getattr(act, "inplace", False) else act(x)
 
 
-def activation_input_grad(act: nn.Module, grad: Tensor, inp: Tensor, output: Tensor,
-                          out: Optional[Tensor] = None) -> Tensor:
-    """Gradient of ``act`` at ``inp`` (``output = act(inp)``) for output gradient ``grad``.
-
-    Closed form for the built-in activations (:func:`activation_backward`), else autograd on a
-    recomputed ``act(inp)``. Written into ``out`` when given.
-    """
-    closed_form = activation_backward(act)
-    if closed_form is not None:
-        return closed_form(grad, inp, output, out=out)
-    with torch.enable_grad():
-        leaf = inp.detach().requires_grad_(True)
-        (grad_inp,) = torch.autograd.grad(apply_activation(act, leaf), leaf, grad)
-    return grad_inp if out is None else out.copy_(grad_inp)
-
-
-def gated_activation_grad(act: nn.Module, grad: Tensor, h: Tensor, act_out: Tensor) -> Tensor:
-    """Gradient of ``act(gate) * up`` w.r.t. ``h = [gate | up]`` (``[..., 2H]``) for output gradient ``grad``
-    (``[..., H]``), given ``act_out = act(gate)``; both halves written into one new tensor."""
+def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward: Callable[..., Tensor]) -> Tensor:
+    """Gradient of ``act(gate) * up`` w.r.t. ``h = [gate | up]`` ``[..., 2H]`` for output gradient ``grad``
+    ``[..., H]``, given ``act_out = act(gate)`` and the closed-form ``act_backward``
+    (:func:`activation_backward`); both halves written into one new tensor."""
     hidden = h.shape[-1] // 2
     grad_h = torch.empty_like(h)
     torch.mul(grad, act_out, out=grad_h[..., hidden:])
-    activation_input_grad(act, grad * h[..., hidden:], h[..., :hidden], act_out, out=grad_h[..., :hidden])
+    act_backward(grad * h[..., hidden:], h[..., :hidden], act_out, out=grad_h[..., :hidden])
     return grad_h
 
 
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, act):
+    def forward(ctx, h, act, act_backward):
         hidden = h.shape[-1] // 2
         act_out = apply_activation(act, h[..., :hidden])
         ctx.save_for_backward(h, act_out)
-        ctx.act = act
+        ctx.act_backward = act_backward
         return act_out * h[..., hidden:]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         h, act_out = ctx.saved_tensors
-        return gated_activation_grad(ctx.act, grad, h, act_out), None
+        return gated_activation_grad(grad, h, act_out, ctx.act_backward), None, None
 
 
 def gated_activation(h: Tensor, act: nn.Module) -> Tensor:
     """GLU: ``act(gate) * up`` for ``h = [gate | up]`` ``[..., 2H] -> [..., H]`` (Shazeer 2020).
 
-    One autograd node: the backward writes the gate and up gradients side by side into one ``[..., 2H]``
-    tensor instead of two zero-padded slice gradients that are then added.
+    For the built-in activations (:func:`activation_backward`) this is one autograd node whose backward
+    writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
+    zero-padded slice gradients that are then added); it supports one backward (no double backward).
+    Any other activation (with parameters, random, or custom) goes through plain autograd.
     """
     if h.shape[-1] % 2:
         raise ValueError(f"h must have an even last dimension (gate then up), got {h.shape[-1]}")
-    return _GatedActivation.apply(h, act)
+    act_backward = activation_backward(act)
+    if act_backward is None:
+        hidden = h.shape[-1] // 2
+        return apply_activation(act, h[..., :hidden]) * h[..., hidden:]
+    return _GatedActivation.apply(h, act, act_backward)

@@ -29,6 +29,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
 from moemix.layers.grad_buffers import GradBuffer
@@ -161,6 +162,7 @@ class _DispatchTokens(torch.autograd.Function):
         return x.index_select(0, row_token)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (slot,) = ctx.saved_tensors
         # grad_x[t] = sum_j grad[slot[t, j]]: a gather-reduce that never materialises [T*k, D]
@@ -186,6 +188,7 @@ class _CombineTokens(torch.autograd.Function):
         return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
         grad = grad.to(rows.dtype).contiguous()
@@ -254,6 +257,7 @@ class _GroupedMatmul(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         counts = ctx.counts
@@ -297,6 +301,7 @@ class _PaddedMatmul(torch.autograd.Function):
         return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -22,20 +22,24 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from moemix.layers.activations import activation_input_grad, apply_activation, gated_activation_grad
-from moemix.layers.expert_workers import expert_groups, expert_worker_count, run_expert_groups
+from moemix.layers.activations import activation_backward, apply_activation, gated_activation_grad
+from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
 from moemix.layers.grad_buffers import GradBuffer
 
-__all__ = ["fused_expert_mlp"]
+__all__ = ["fused_expert_mlp", "fused_loop_supports"]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: torch.Tensor, grad_b: Optional[torch.Tensor]) -> None:
-    torch.mm(x.t(), grad, out=grad_w)
+def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: Optional[torch.Tensor],
+                 grad_b: Optional[torch.Tensor]) -> None:
+    """``grad_w = x^T grad`` and ``grad_b = sum(grad)`` into the given tensors (None: not needed)."""
+    if grad_w is not None:
+        torch.mm(x.t(), grad, out=grad_w)
     if grad_b is not None:
         torch.sum(grad, dim=0, out=grad_b)
 
@@ -62,7 +66,7 @@ def _sum_into_first(parts: List[Optional[torch.Tensor]], empty: Callable[[], tor
 
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers):
+    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, keep):
         hidden = w2.shape[1]
         tokens_sorted = torch.div(order, k, rounding_mode="floor")
         weights_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)
@@ -84,37 +88,46 @@ class _FusedExpertMLP(torch.autograd.Function):
                 else:
                     y_e = torch.addmm(b2s[e], a_e, w2s[e]).mul_(row_weights[e])
                 out.index_add_(0, tokens[e], y_e)
-                saved[e] = (x_e, h_e, act_out)
+                if keep:
+                    saved[e] = (x_e, h_e, act_out)
             return out
 
-        groups = expert_groups(counts, expert_worker_count(x.device, counts))
+        groups = plan_expert_groups(x.device, counts)
         out = _sum_into_first(run_expert_groups(run, groups), lambda: x.new_zeros(x.shape[0], w2.shape[-1]))
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
-        ctx.saved_experts, ctx.groups, ctx.counts, ctx.act, ctx.glu = saved, groups, counts, act, glu
-        ctx.grad_buffers = grad_buffers
-        ctx.weights_dtype = weights.dtype
+        ctx.saved_experts = saved if keep else None
+        ctx.groups, ctx.counts, ctx.glu = groups, counts, glu
+        ctx.act_backward, ctx.grad_buffers, ctx.weights_dtype = activation_backward(act), grad_buffers, weights.dtype
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted = ctx.saved_tensors
         saved = ctx.saved_experts
         if saved is None:
             raise RuntimeError("the fused expert loop frees its saved tensors after one backward; "
                                "backward through it a second time (retain_graph) is not supported")
-        grad_out = grad_out.contiguous()
-        need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        act, glu, hidden, counts = ctx.act, ctx.glu, w2.shape[1], ctx.counts
+        try:
+            return _FusedExpertMLP._backward(ctx, grad_out.contiguous(), saved, x, weights, w1, b1, w2, b2, order,
+                                             tokens_sorted, weights_sorted)
+        finally:
+            ctx.saved_experts = None
+
+    @staticmethod
+    def _backward(ctx, grad_out, saved, x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted):
+        need_x, need_weights, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        act_backward, glu, hidden, counts = ctx.act_backward, ctx.glu, w2.shape[1], ctx.counts
         kept = sum(counts)
         tokens = tokens_sorted[:kept].split(counts)
         row_weights = weights_sorted[:kept].split(counts)
         grad_weights_sorted = weights_sorted.new_zeros(weights_sorted.shape[0])
         dots_sorted = grad_weights_sorted[:kept].split(counts)
         buffers = ctx.grad_buffers
-        grad_w1 = buffers[0].take(w1) if buffers is not None else torch.empty_like(w1)
-        grad_w2 = buffers[1].take(w2) if buffers is not None else torch.empty_like(w2)
-        grad_b1 = torch.empty_like(b1) if b1 is not None else None
-        grad_b2 = torch.empty_like(b2) if b2 is not None else None
+        grad_w1 = (buffers[0].take(w1) if buffers is not None else torch.empty_like(w1)) if need_w1 else None
+        grad_w2 = (buffers[1].take(w2) if buffers is not None else torch.empty_like(w2)) if need_w2 else None
+        grad_b1 = torch.empty_like(b1) if need_b1 else None
+        grad_b2 = torch.empty_like(b2) if need_b2 else None
         w1s, w2s, b2s = _rows(w1), _rows(w2), _rows(b2)
         gw1s, gw2s, gb1s, gb2s = _rows(grad_w1), _rows(grad_w2), _rows(grad_b1), _rows(grad_b2)
         for e, n in enumerate(counts):
@@ -136,13 +149,17 @@ class _FusedExpertMLP(torch.autograd.Function):
                     dots = torch.sum(a_e * u_e, dim=-1, out=dots_sorted[e])
                     if b2 is not None:
                         dots.add_(g_e @ b2s[e])
-                if glu and b2 is None and hidden <= g_e.shape[1]:  # scale the narrower (a_e is a fresh product)
-                    _weight_grad(a_e.mul_(w_e), g_e, gw2s[e], None)
-                else:
-                    _weight_grad(a_e, g_e.mul_(w_e), gw2s[e], _at(gb2s, e))
+                if need_w2 or need_b2:
+                    if glu and b2 is None and hidden <= g_e.shape[1]:  # scale the narrower (a_e is fresh)
+                        _weight_grad(a_e.mul_(w_e), g_e, _at(gw2s, e), None)
+                    else:
+                        _weight_grad(a_e, g_e.mul_(w_e), _at(gw2s, e), _at(gb2s, e))
                 u_e.mul_(w_e)
-                grad_h = (gated_activation_grad if glu else activation_input_grad)(act, u_e, h_e, act_out)
-                _weight_grad(x_e, grad_h, gw1s[e], _at(gb1s, e))
+                if glu:
+                    grad_h = gated_activation_grad(u_e, h_e, act_out, act_backward)
+                else:
+                    grad_h = act_backward(u_e, h_e, act_out)
+                _weight_grad(x_e, grad_h, _at(gw1s, e), _at(gb1s, e))
                 if need_x:
                     grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))
             return grad_x
@@ -154,8 +171,13 @@ class _FusedExpertMLP(torch.autograd.Function):
             grad_weights = torch.zeros(weights.numel(), dtype=grad_weights_sorted.dtype, device=weights.device)
             grad_weights.index_copy_(0, order, grad_weights_sorted)
             grad_weights = grad_weights.view_as(weights).to(ctx.weights_dtype)
-        ctx.saved_experts = None
-        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None
+        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None, None
+
+
+def fused_loop_supports(act: nn.Module) -> bool:
+    """Whether the fused loop can run ``act``: it needs a closed-form derivative (built-in, parameter-free,
+    deterministic activations); any other module runs through a buffer layout and plain autograd."""
+    return activation_backward(act) is not None
 
 
 def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: List[int], k: int,
@@ -172,16 +194,22 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         counts: assignments per expert (host ints).
         k: experts per token.
         w1, b1, w2, b2: stacked expert parameters ``[E, D, H']``, ``[E, H']``, ``[E, H, D']``, ``[E, D']``.
-        act: activation module; glu: gated form (``h`` holds gate then up).
+        act: activation module with a closed-form derivative (:func:`fused_loop_supports`); glu: gated
+            form (``h`` holds gate then up).
         grad_buffers: recycled buffers for the ``w1`` and ``w2`` gradients (CPU); None allocates.
 
     Returns:
-        ``[T, D']``. Backward through it once (its per-expert activations are freed as it goes).
+        ``[T, D']``. Backward through it once (its per-expert activations are freed as it goes); nothing
+        is kept for the backward when no gradient is recorded (``no_grad``, inference).
     """
+    if not fused_loop_supports(act):
+        raise ValueError(f"act must be a built-in activation with a closed-form derivative "
+                         f"(SiLU, GELU, ReLU, Tanh, Sigmoid, Identity), got {type(act).__name__}")
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
         b1 = b1.to(dtype) if b1 is not None else None
         b2 = b2.to(dtype) if b2 is not None else None
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2))
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers)
+        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, keep)

@@ -1,46 +1,55 @@
-"""Run independent groups of experts concurrently on CPU worker threads.
+"""Run independent groups of experts side by side on CPU worker threads.
 
-On CPU, single-threaded GEMMs side by side get more done than one GEMM at a time split over all
-threads when every expert has a few hundred rows or more, and while one thread runs an op the other
-runs Python. The fused expert loop (:mod:`moemix.layers.expert_loop`) therefore splits its experts into
-groups of about equal rows and runs each group on its own worker thread with one intra-op thread,
-when :func:`expert_worker_count` says so (rule measured by ``benchmarks/moe_layer.py``).
+On CPU, single-threaded GEMMs side by side get more done than one GEMM at a time spread over all
+threads once every expert has a few hundred rows, and while one thread runs an op another runs Python.
+The fused expert loop (:mod:`moemix.layers.expert_loop`) therefore asks :func:`plan_expert_groups` for
+groups of experts of about equal rows and runs each group on its own worker thread
+(:func:`run_expert_groups`); a single group means the loop runs serially on the calling thread.
 
-The workers are a process-wide pool, created on first use with ``torch.get_num_threads()`` threads.
-Each worker sets its own intra-op thread count to 1; the process-wide count that
-``torch.set_num_threads`` keeps for threads started later is restored right after, and the pool checks
-that this worked (it needs torch's OpenMP backend; with any other backend the loop runs serially).
-:func:`set_expert_workers` turns the workers off (or on again) for the whole process.
+The workers are a process-wide pool per intra-op thread count, made on first use:
+``min(threads, MAX_WORKERS)`` workers with ``threads // workers`` intra-op threads each. Making it sets
+each worker's own thread count, which also changes the count torch hands to threads started later; the
+calling thread's count is put back right after, and the pool is checked (workers, and a thread started
+afterwards, see the intended counts) or not used. Workers are only used with torch's OpenMP backend and
+MKL (the configuration measured), not while the autograd profiler or a Python dispatch or function mode
+(``FlopCounterMode``, ...) is active, as those are per-thread state the workers would not see, and not
+after :func:`set_expert_workers` ``(False)``. Results equal the serial loop's up to the order in which
+the groups' partial sums are added, which depends only on the counts and the thread count.
 """
 from __future__ import annotations
 
 import heapq
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Sequence, TypeVar
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 
-__all__ = ["expert_groups", "expert_worker_count", "run_expert_groups", "set_expert_workers",
-           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS"]
+__all__ = ["expert_groups", "plan_expert_groups", "run_expert_groups", "set_expert_workers",
+           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_IMBALANCE", "MAX_WORKERS"]
 
 R = TypeVar("R")
 
-# Rule measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop,loop_serial and shapes between its
-# configurations): with 256 or more rows per expert the workers won at every shape measured (3% at
-# `coarse`, 7% at `fine`, 4% with 256 rows of `coarse` experts); at 128 rows they lost for `coarse`
-# experts (6%) and won for `fine` ones; at 32 rows (`small_coarse`) one thread per GEMM lost by 30%.
+# Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop,loop_serial, and shapes between its
+# configurations): with 256 or more rows per expert the workers won at every shape measured (`coarse`,
+# `fine`, 256 rows of `coarse` experts); at 128 rows they lost for `coarse` experts and won for `fine`
+# ones; at 32 rows (`small_coarse`) single-threaded GEMMs were 30% slower.
 WORKERS_MIN_MEAN_ROWS = 256
+# A group with much more than its share of rows (one hot expert) would leave the other threads idle
+# while its GEMMs run on fewer threads than the serial loop gives them.
+WORKERS_MAX_IMBALANCE = 1.25
+# Each group adds into its own [T, D] output (and input gradient): bound that memory.
+MAX_WORKERS = 8
 
 _enabled = True
-_pool_lock = threading.Lock()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_key = (0, 0)  # (threads, pid) the pool was made for
+_pools_lock = threading.Lock()
+_pools: Dict[int, Optional[ThreadPoolExecutor]] = {}  # intra-op thread count -> pool (None: unusable)
+_backend_ok: Optional[bool] = None
 
 
 def set_expert_workers(enabled: bool) -> None:
-    """Allow (default) or forbid the fused expert loop to use CPU worker threads, process-wide."""
+    """Allow (default) or forbid the fused expert loop's CPU worker threads, process-wide."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -54,7 +63,7 @@ def expert_groups(counts: Sequence[int], num_groups: int) -> List[List[int]]:
     """Split the hit experts into at most ``num_groups`` groups of about equal rows.
 
     Largest expert first onto the least-loaded group (LPT scheduling); each group lists its experts in
-    ascending order. Empty groups are left out. Depends only on ``counts``, so it is deterministic.
+    ascending order; experts without rows are left out. Depends only on ``counts`` and ``num_groups``.
     """
     hit = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
     heap = [(0, g) for g in range(min(num_groups, len(hit)))]
@@ -66,23 +75,26 @@ def expert_groups(counts: Sequence[int], num_groups: int) -> List[List[int]]:
     return [sorted(g) for g in groups]
 
 
-def expert_worker_count(device: torch.device, counts: Sequence[int]) -> int:
-    """How many worker threads the fused loop should use for these per-expert counts (1 = run serially)."""
-    if not _enabled or device.type != "cpu":
-        return 1
+def plan_expert_groups(device: torch.device, counts: Sequence[int]) -> List[List[int]]:
+    """The expert groups the fused loop runs side by side; one group (or none) means serially."""
+    serial = expert_groups(counts, 1)
     threads = torch.get_num_threads()
     hit = sum(1 for c in counts if c)
-    if threads < 2 or hit < 2 or sum(counts) / hit < WORKERS_MIN_MEAN_ROWS:
-        return 1
-    return min(threads, hit) if _workers(threads) is not None else 1
+    routed = sum(counts)
+    if not _usable(device) or threads < 2 or hit < 2 or routed / hit < WORKERS_MIN_MEAN_ROWS:
+        return serial
+    groups = expert_groups(counts, min(threads, MAX_WORKERS))
+    largest = max(sum(counts[e] for e in g) for g in groups)
+    if largest > WORKERS_MAX_IMBALANCE * routed / len(groups) or _workers(threads) is None:
+        return serial
+    return groups
 
 
 def run_expert_groups(fn: Callable[[List[int]], R], groups: List[List[int]]) -> List[R]:
-    """``[fn(g) for g in groups]``, each group on its own worker thread (inline when only one).
-
-    ``fn`` runs with gradient recording off, as in an autograd function's forward and backward.
-    """
-    if len(groups) <= 1:
+    """``[fn(g) for g in groups]``, the groups side by side on worker threads (inline for one group, or
+    when workers are not usable now). ``fn`` runs with gradient recording off, as in an autograd
+    function. Every group finishes before an exception of one of them is raised."""
+    if len(groups) <= 1 or not _usable(torch.device("cpu")):
         return [fn(g) for g in groups]
     pool = _workers(torch.get_num_threads())
     if pool is None:
@@ -92,46 +104,92 @@ def run_expert_groups(fn: Callable[[List[int]], R], groups: List[List[int]]) -> 
         with torch.no_grad():
             return fn(group)
 
-    return list(pool.map(call, groups))
+    futures = [pool.submit(call, g) for g in groups]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
-def _workers(size: int) -> Optional[ThreadPoolExecutor]:
-    """The pool of ``size`` single-threaded workers, None if they cannot be set up.
-
-    Created again when the thread count changed or in a forked child (which has no worker threads).
-    """
-    global _pool, _pool_key
-    key = (size, os.getpid())
-    with _pool_lock:
-        if _pool_key != key:
-            if _pool is not None and _pool_key[1] == key[1]:
-                _pool.shutdown(wait=True)
-            _pool, _pool_key = _start_pool(size), key
-        return _pool
+def _usable(device: torch.device) -> bool:
+    return _enabled and device.type == "cpu" and _backend_supported() and not _thread_state_active()
 
 
-def _start_pool(size: int) -> Optional[ThreadPoolExecutor]:
-    ready = threading.Barrier(size + 1)
-    worker_threads: List[int] = []
+def _backend_supported() -> bool:
+    global _backend_ok
+    if _backend_ok is None:
+        _backend_ok = torch.backends.mkl.is_available() and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return _backend_ok
+
+
+def _thread_state_active() -> bool:
+    """The autograd profiler or a Python dispatch / function mode is on: per-thread state workers lack."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (torch.autograd.profiler._is_profiler_enabled or torch._C._is_torch_function_mode_enabled()
+            or _get_current_dispatch_mode() is not None)
+
+
+def _workers(threads: int) -> Optional[ThreadPoolExecutor]:
+    """The pool for ``threads`` intra-op threads; None if it cannot be set up. Pools are never shut
+    down (another caller may be using one); a forked child starts without any."""
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = _start_pool(threads)
+        return _pools[threads]
+
+
+def _forget_pools_in_child() -> None:
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def _noop() -> None:
+    pass
+
+
+def _count_in_new_thread() -> int:
+    seen: List[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0] if seen else -1
+
+
+def _start_pool(threads: int) -> Optional[ThreadPoolExecutor]:
+    size = min(threads, MAX_WORKERS)
+    per_worker = threads // size
+    ready = threading.Barrier(size + 1, timeout=60)
+    worker_counts: List[int] = []
 
     def init() -> None:
         try:
             torch.get_num_threads()  # this thread's lazy intra-op set-up, which reads the process-wide count
-            torch.set_num_threads(1)
-            worker_threads.append(torch.get_num_threads())
+            torch.set_num_threads(per_worker)
+            worker_counts.append(torch.get_num_threads())
         finally:
             ready.wait()
 
     pool = ThreadPoolExecutor(size, initializer=init, thread_name_prefix="moemix-expert")
+    started = False
     try:
         for _ in range(size):  # every worker waits in init until all have started, so each submit starts one
-            pool.submit(lambda: None)
-        ready.wait(timeout=60)
+            pool.submit(_noop)
+        ready.wait()
+        started = True
     except threading.BrokenBarrierError:
-        worker_threads.clear()
+        pass
+    except BaseException:
+        ready.abort()
+        pool.shutdown(wait=False)
+        raise
     finally:
-        torch.set_num_threads(size)  # restore the count that threads started later begin with
-    if len(worker_threads) != size or any(n != 1 for n in worker_threads) or torch.get_num_threads() != size:
+        torch.set_num_threads(threads)  # this thread's count, and the one threads started later begin with
+    if not (started and worker_counts == [per_worker] * size and _count_in_new_thread() == threads):
+        ready.abort()
         pool.shutdown(wait=False)
         return None
     return pool

@@ -10,7 +10,7 @@ from torch import nn
 from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
-from moemix.layers.expert_loop import fused_expert_mlp
+from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
 from moemix.layers.grad_buffers import GradBuffer
 
 __all__ = ["GroupedExperts"]
@@ -118,10 +118,12 @@ class GroupedExperts(nn.Module):
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.
 
-        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training),
-        else dispatch into the expert buffer, :meth:`forward`, combine.
+        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training or
+        an activation without a closed-form derivative, see
+        :func:`~moemix.layers.expert_loop.fused_loop_supports`), else dispatch into the expert buffer,
+        :meth:`forward`, combine.
         """
-        if plan.layout == "loop" and not (self.training and self.drop1.p > 0):
+        if plan.layout == "loop" and fused_loop_supports(self.act) and not (self.training and self.drop1.p > 0):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers)
         out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity)
