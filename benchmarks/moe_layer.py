@@ -381,7 +381,7 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
         p.grad = None
     for m in module.modules():  # moemix keeps gradient memory between steps: count it in the step
         if isinstance(m, GroupedExperts):
-            m.release_grad_buffers()
+            m.release_buffers()
     x.grad = None
     gc.collect()
     reset_peak_rss()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["get_act_layer", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
+__all__ = ["get_act_layer", "activation_forward", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
            "ACT_LAYERS"]
 
 ACT_LAYERS = {
@@ -65,6 +65,27 @@ def activation_backward(act: nn.Module) -> Optional[Callable[..., Tensor]]:
         return op(*args, **kwargs) if out is None else op.grad_input(*args, **kwargs, grad_input=out)
 
     return backward
+
+
+def activation_forward(act: nn.Module) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """``(input, out) -> out``: the built-in activation written into ``out`` (any strides), never into
+    ``input``; same types as :func:`activation_backward`, ``None`` for anything else."""
+    aten = torch.ops.aten
+    kind = type(act)
+    if kind is nn.SiLU:
+        return lambda x, out: aten.silu.out(x, out=out)
+    if kind is nn.GELU:
+        approx = act.approximate
+        return lambda x, out: aten.gelu.out(x, approximate=approx, out=out)
+    if kind is nn.ReLU:
+        return lambda x, out: torch.clamp_min(x, 0, out=out)
+    if kind is nn.Tanh:
+        return lambda x, out: torch.tanh(x, out=out)
+    if kind is nn.Sigmoid:
+        return lambda x, out: torch.sigmoid(x, out=out)
+    if kind is nn.Identity:
+        return lambda x, out: out.copy_(x)
+    return None
 
 
 def apply_activation(act: nn.Module, x: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
-from moemix.layers.grad_buffers import GradBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -316,7 +316,7 @@ class _PaddedMatmul(torch.autograd.Function):
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
                    bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[GradBuffer] = None) -> torch.Tensor:
+                   grad_buffer: Optional[RecycledBuffer] = None) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 
     Args:
@@ -327,7 +327,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         bias: optional ``[E, out]``.
         capacity: rows per expert of the padded layout; None for the sorted layout.
         grad_buffer: recycles the weight gradient's memory across steps (sorted layout, CPU); see
-            :mod:`moemix.layers.grad_buffers`.
+            :mod:`moemix.layers.recycled_buffers`.
 
     Returns:
         ``[R, out]``. Runs in the autocast dtype when autocast is on.

@@ -13,7 +13,7 @@ gradient ``w_e * u_e``; the gate and up gradients are written side by side into 
 tensor (:func:`moemix.layers.activations.gated_activation_grad`), so ``W1_e``'s weight gradient and the
 input gradient are one GEMM each. Every temporary is per expert (on CPU it comes from the allocator's
 recycled heap instead of freshly faulted pages), an expert's saved tensors are let go once its gradient
-is done, and the stacked weight gradients go into recycled buffers (:mod:`moemix.layers.grad_buffers`).
+is done, and the stacked weight gradients go into recycled buffers (:mod:`moemix.layers.recycled_buffers`).
 On CPU, groups of experts run side by side on worker threads (:mod:`moemix.layers.expert_workers`).
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from moemix.layers.activations import activation_backward, apply_activation, gated_activation_grad
+from moemix.layers.activations import activation_backward, activation_forward, apply_activation, gated_activation_grad
 from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
-from moemix.layers.grad_buffers import GradBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer
 
 __all__ = ["fused_expert_mlp", "fused_loop_supports"]
 
@@ -64,9 +64,34 @@ def _sum_into_first(parts: List[Optional[torch.Tensor]], empty: Callable[[], tor
     return parts[0]
 
 
+class _SavedSlots:
+    """Per-expert ``x_e [n, D]``, ``h_e [n, H']``, ``act(h_e) [n, H]`` as views of one flat buffer (rows in
+    expert order), taken from a :class:`RecycledBuffer` so the saved activations reuse last step's memory."""
+
+    def __init__(self, workspace: Optional[RecycledBuffer], counts: List[int], widths: Tuple[int, int, int],
+                 like: torch.Tensor):
+        self.widths, self.row_width = widths, sum(widths)
+        self.starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            self.starts[e] = self.starts[e - 1] + counts[e - 1]
+        self.counts = counts
+        shape = (sum(counts) * self.row_width,)
+        if workspace is None:
+            self.flat = torch.empty(shape, dtype=like.dtype, device=like.device)
+        else:  # sizes change with the routing: leave room so the buffer is rarely replaced
+            self.flat = workspace.take_shape(shape, like.dtype, like.device, headroom=1.125)
+
+    def views(self, e: int) -> Tuple[torch.Tensor, ...]:
+        n, offset, out = self.counts[e], self.starts[e] * self.row_width, []
+        for width in self.widths:
+            out.append(self.flat[offset:offset + n * width].view(n, width))
+            offset += n * width
+        return tuple(out)
+
+
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, keep):
+    def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, workspace, keep):
         hidden = w2.shape[1]
         tokens_sorted = torch.div(order, k, rounding_mode="floor")
         weights_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)
@@ -75,13 +100,21 @@ class _FusedExpertMLP(torch.autograd.Function):
         row_weights = weights_sorted[:kept].split(counts)
         w1s, w2s, b1s, b2s = _rows(w1), _rows(w2), _rows(b1), _rows(b2)
         saved: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(counts)
+        slots = _SavedSlots(workspace, counts, (x.shape[1], w1.shape[-1], hidden), x) if keep else None
+        act_forward = activation_forward(act)
 
         def run(group: List[int]) -> torch.Tensor:
             out = x.new_zeros(x.shape[0], w2.shape[-1])
             for e in group:
-                x_e = x.index_select(0, tokens[e])
-                h_e = _linear(x_e, w1s[e], _at(b1s, e))
-                act_out = apply_activation(act, h_e[:, :hidden] if glu else h_e)
+                if slots is not None:  # written straight into the recycled buffer they are saved in
+                    x_e, h_e, act_out = slots.views(e)
+                    torch.index_select(x, 0, tokens[e], out=x_e)
+                    torch.addmm(b1s[e], x_e, w1s[e], out=h_e) if b1 is not None else torch.mm(x_e, w1s[e], out=h_e)
+                    act_forward(h_e[:, :hidden] if glu else h_e, act_out)
+                else:
+                    x_e = x.index_select(0, tokens[e])
+                    h_e = _linear(x_e, w1s[e], _at(b1s, e))
+                    act_out = apply_activation(act, h_e[:, :hidden] if glu else h_e)
                 a_e = act_out * h_e[:, hidden:] if glu else act_out
                 if b2 is None:  # fold the router weight into a_e (a copy when it is the saved act_out)
                     y_e = torch.mm(a_e.mul_(row_weights[e]) if glu else a_e * row_weights[e], w2s[e])
@@ -95,7 +128,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         groups = plan_expert_groups(x.device, counts)
         out = _sum_into_first(run_expert_groups(run, groups), lambda: x.new_zeros(x.shape[0], w2.shape[-1]))
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
-        ctx.saved_experts = saved if keep else None
+        ctx.saved_experts = saved if keep else None  # views of one recycled buffer, let go in the backward
         ctx.groups, ctx.counts, ctx.glu = groups, counts, glu
         ctx.act_backward, ctx.grad_buffers, ctx.weights_dtype = activation_backward(act), grad_buffers, weights.dtype
         return out
@@ -171,7 +204,7 @@ class _FusedExpertMLP(torch.autograd.Function):
             grad_weights = torch.zeros(weights.numel(), dtype=grad_weights_sorted.dtype, device=weights.device)
             grad_weights.index_copy_(0, order, grad_weights_sorted)
             grad_weights = grad_weights.view_as(weights).to(ctx.weights_dtype)
-        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None, None
+        return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None, None, None, None
 
 
 def fused_loop_supports(act: nn.Module) -> bool:
@@ -183,7 +216,8 @@ def fused_loop_supports(act: nn.Module) -> bool:
 def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: List[int], k: int,
                      w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
                      act: nn.Module, glu: bool,
-                     grad_buffers: Optional[Tuple[GradBuffer, GradBuffer]] = None) -> torch.Tensor:
+                     grad_buffers: Optional[Tuple[RecycledBuffer, RecycledBuffer]] = None,
+                     workspace: Optional[RecycledBuffer] = None) -> torch.Tensor:
     """``y[t] = sum_j weights[t, j] * MLP_{e(t, j)}(x[t])`` by a per-expert loop.
 
     Args:
@@ -197,6 +231,7 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         act: activation module with a closed-form derivative (:func:`fused_loop_supports`); glu: gated
             form (``h`` holds gate then up).
         grad_buffers: recycled buffers for the ``w1`` and ``w2`` gradients (CPU); None allocates.
+        workspace: recycled buffer for the activations kept for the backward (CPU); None allocates.
 
     Returns:
         ``[T, D']``. Backward through it once (its per-expert activations are freed as it goes); nothing
@@ -212,4 +247,5 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         b2 = b2.to(dtype) if b2 is not None else None
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2))
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, keep)
+        return _FusedExpertMLP.apply(x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers,
+                                     workspace, keep)

@@ -11,7 +11,7 @@ from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
-from moemix.layers.grad_buffers import GradBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer
 
 __all__ = ["GroupedExperts"]
 
@@ -74,7 +74,8 @@ class GroupedExperts(nn.Module):
         self.act = get_act_layer(act_layer)()
         self.drop1 = nn.Dropout(drop)
         self.drop2 = nn.Dropout(drop)
-        self._grad_buffers = (GradBuffer(), GradBuffer())  # recycled w1 / w2 gradients (CPU)
+        self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
+        self._workspace = RecycledBuffer()  # recycled activations the fused loop keeps for the backward (CPU)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,12 +86,12 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
-    def release_grad_buffers(self) -> None:
-        """Let go of the recycled weight-gradient memory kept between steps (CPU; e.g. before evaluation).
-
-        The next backward allocates afresh; nothing else changes.
+    def release_buffers(self) -> None:
+        """Let go of the recycled memory kept between steps (CPU; e.g. before a long evaluation): the weight
+        gradients' and the fused loop's saved activations'. The next step allocates afresh; nothing else changes.
         """
-        self._grad_buffers = (GradBuffer(), GradBuffer())
+        self._grad_buffers = (RecycledBuffer(), RecycledBuffer())
+        self._workspace = RecycledBuffer()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
@@ -125,7 +126,7 @@ class GroupedExperts(nn.Module):
         """
         if plan.layout == "loop" and fused_loop_supports(self.act) and not (self.training and self.drop1.p > 0):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
-                                    self.act, self.glu, self._grad_buffers)
+                                    self.act, self.glu, self._grad_buffers, self._workspace)
         out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity)
         return combine_tokens(out_rows, weights, plan)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from moemix.layers.activations import activation_backward, gated_activation
+from moemix.layers.activations import activation_backward, activation_forward, gated_activation
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.Tanh(),
@@ -83,3 +83,17 @@ def test_gated_activation_refuses_double_backward_clearly():
     (grad,) = torch.autograd.grad(gated_activation(h, nn.SiLU()).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|doesn't require grad"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(inplace=True), nn.Tanh(),
+                                 nn.Sigmoid(), nn.Identity()])
+def test_forward_into_a_strided_out_leaves_the_input_alone(act):
+    x = torch.randn(7, 5, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    before = x.clone()
+    target = torch.full((7, 9), -1.0, dtype=torch.float64)
+    activation_forward(act)(x, target[:, 2:7])
+    torch.testing.assert_close(target[:, 2:7], act(x.clone()), equal_nan=True)
+    torch.testing.assert_close(x, before, equal_nan=True)
+    assert (target[:, :2] == -1).all() and (target[:, 7:] == -1).all()
+    assert activation_forward(nn.Softplus()) is None

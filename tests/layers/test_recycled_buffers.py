@@ -1,4 +1,4 @@
-"""Recycled weight-gradient buffers: reused only when nothing else can see them."""
+"""Recycled buffers (weight gradients, saved activations): reused only when nothing else can see them."""
 import copy
 import pickle
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from moemix.layers import SparseMoE
-from moemix.layers.grad_buffers import GradBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer
 
 
 def test_take_reuses_only_released_storage():
-    buf, like = GradBuffer(), torch.empty(4, 8)
+    buf, like = RecycledBuffer(), torch.empty(4, 8)
     first = buf.take(like)
     second = buf.take(like)  # `first` is alive: a fresh buffer, which the cache now tracks
     assert second.data_ptr() != first.data_ptr()
@@ -25,10 +25,41 @@ def test_take_reuses_only_released_storage():
 
 
 def test_take_allocates_for_another_size():
-    buf = GradBuffer()
+    buf = RecycledBuffer()
     buf.take(torch.empty(3, 3))  # released at once: free, but too small for the next request
     bigger = buf.take(torch.empty(4, 4))
     assert bigger.shape == (4, 4) and bigger.untyped_storage().nbytes() == 4 * 16
+
+
+def test_take_shape_reuses_a_larger_free_buffer_and_leaves_headroom():
+    buf = RecycledBuffer()
+    first = buf.take_shape((10,), torch.float32, "cpu", headroom=1.5)
+    assert first.untyped_storage().nbytes() == 60
+    ptr = first.data_ptr()
+    del first
+    smaller = buf.take_shape((3, 4), torch.float32, "cpu")
+    assert smaller.data_ptr() == ptr and smaller.shape == (3, 4)
+    del smaller
+    assert buf.take_shape((16,), torch.float32, "cpu").data_ptr() != ptr  # too small now: a new one
+
+
+def test_fused_loop_reuses_its_saved_activation_memory_and_never_while_a_backward_is_pending():
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 24, num_experts=4, k=2, dispatch_layout="loop").double()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    _step(moe, x)
+    workspace = moe.experts._workspace
+    ptr = workspace._storage.data_ptr()
+    _step(moe, x)
+    assert workspace._storage.data_ptr() == ptr  # the last backward let it go: reused
+    moe.zero_grad()
+    ref = torch.autograd.grad(moe(x).square().sum() + moe(2 * x).square().sum(), moe.experts.w1)[0]
+    moe.zero_grad()
+    first = moe(x).square().sum()
+    second = moe(2 * x).square().sum()  # the first forward still holds its activations: a fresh buffer
+    assert workspace._storage.data_ptr() != ptr
+    grad = torch.autograd.grad(first, moe.experts.w1)[0] + torch.autograd.grad(second, moe.experts.w1)[0]
+    torch.testing.assert_close(grad, ref)
 
 
 def _step(moe, x):
@@ -70,16 +101,18 @@ def test_copies_start_without_a_buffer():
     moe.zero_grad(set_to_none=True)
     for clone in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
         assert all(b._storage is None for b in clone.experts._grad_buffers)
+        assert clone.experts._workspace._storage is None
         _step(clone, torch.randn(8, 16))
         assert clone.experts.w1.grad is not None
 
 
-def test_release_grad_buffers_gives_the_memory_back():
+def test_release_buffers_gives_the_memory_back():
     moe = SparseMoE(16, 32, num_experts=4, k=2, dispatch_layout="loop")
     _step(moe, torch.randn(8, 16))
     moe.zero_grad(set_to_none=True)
-    moe.experts.release_grad_buffers()
+    moe.experts.release_buffers()
     assert all(b._storage is None for b in moe.experts._grad_buffers)
+    assert moe.experts._workspace._storage is None
     _step(moe, torch.randn(8, 16))  # the next backward allocates and keeps a buffer again
     assert all(b._storage is not None for b in moe.experts._grad_buffers)
     assert torch.isfinite(moe.experts.w1.grad).all()

@@ -1,0 +1,58 @@
+"""Recycled CPU buffers: the stacked expert weight gradients and the fused loop's saved activations.
+
+The gradient of a stacked expert weight ``[E, D, H]`` is large (E times a dense layer's), and so are the
+activations the fused expert loop keeps for the backward. Allocated fresh every step, such buffers are
+above glibc's mmap threshold or trimmed off the heap when freed, so every step maps new pages that fault
+in and are zeroed on first touch: tens of milliseconds per step at ``E=64, D=512, H=256`` on two cores.
+:class:`RecycledBuffer` keeps the storage of the last buffer it handed out and hands it out again only
+once nothing else refers to it: for a gradient, ``zero_grad(set_to_none=True)`` dropped ``.grad`` or
+autograd summed it into an existing ``.grad``; for saved activations, the backward let them go. While
+anything still holds it (``.grad``, a tensor returned by ``torch.autograd.grad``, a view, a forward
+whose backward has not run yet) a fresh buffer is allocated and kept instead, so no tensor anyone can
+see is ever overwritten.
+
+Only CPU tensors are recycled; the CUDA caching allocator already reuses freed blocks.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional
+
+import torch
+
+__all__ = ["RecycledBuffer"]
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class RecycledBuffer:
+    """One recyclable buffer. Not copied by ``copy``/``pickle`` (a copy starts empty)."""
+
+    def __init__(self) -> None:
+        self._storage: Optional[torch.UntypedStorage] = None
+        self._lock = threading.Lock()  # two threads must not both claim the free buffer
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor with ``like``'s shape, dtype and device."""
+        return self.take_shape(like.shape, like.dtype, like.device)
+
+    def take_shape(self, shape, dtype: torch.dtype, device: torch.device, headroom: float = 1.0) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape``; a new buffer gets ``headroom`` times the bytes
+        (> 1 for sizes that change from call to call, such as per-step activations)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if torch.device(device).type != "cpu" or _storage_use_count is None:
+            self._storage = None
+            return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            storage = self._storage
+            if storage is None or storage.nbytes() < nbytes or _storage_use_count(storage._cdata) != 1:
+                storage = torch.empty(int(nbytes * headroom), dtype=torch.uint8).untyped_storage()
+                self._storage = storage
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
