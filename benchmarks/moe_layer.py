@@ -533,7 +533,8 @@ def main(argv=None):
                         "applies to every variant in the process)")
     p.add_argument("--profile", metavar="CASES", default=None,
                    help="instead of timing, profile these cases (e.g. fine,small_coarse_skewed) for moemix, "
-                        "hf_loop and dense_active and print the GEMM share of each step")
+                        "hf_loop and dense_active and print the GEMM share of each step (under the profiler "
+                        "the fused loop runs its experts serially, without its worker threads)")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

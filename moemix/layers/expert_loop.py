@@ -125,7 +125,7 @@ class _FusedExpertMLP(torch.autograd.Function):
                     saved[e] = (x_e, h_e, act_out)
             return out
 
-        groups = plan_expert_groups(x.device, counts)
+        groups = plan_expert_groups(x.device, counts, x.shape[1] * w1.shape[-1])
         out = _sum_into_first(run_expert_groups(run, groups), lambda: x.new_zeros(x.shape[0], w2.shape[-1]))
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
         ctx.saved_experts = saved if keep else None  # views of one recycled buffer, let go in the backward

@@ -1,7 +1,8 @@
 """Run independent groups of experts side by side on CPU worker threads.
 
-On CPU, single-threaded GEMMs side by side get more done than one GEMM at a time spread over all
-threads once every expert has a few hundred rows, and while one thread runs an op another runs Python.
+On CPU, single-threaded GEMMs side by side get more done than one mid-sized GEMM at a time spread over
+all threads (a few hundred rows per expert, but not GEMMs so large that they keep all threads busy on
+their own), and while one thread runs an op another runs Python.
 The fused expert loop (:mod:`moemix.layers.expert_loop`) therefore asks :func:`plan_expert_groups` for
 groups of experts of about equal rows and runs each group on its own worker thread
 (:func:`run_expert_groups`); a single group means the loop runs serially on the calling thread.
@@ -27,15 +28,18 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 import torch
 
 __all__ = ["expert_groups", "plan_expert_groups", "run_expert_groups", "set_expert_workers",
-           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_IMBALANCE", "MAX_WORKERS"]
+           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_EXPERT_MACS", "WORKERS_MAX_IMBALANCE",
+           "MAX_WORKERS"]
 
 R = TypeVar("R")
 
-# Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop,loop_serial, and shapes between its
-# configurations): with 256 or more rows per expert the workers won at every shape measured (`coarse`,
-# `fine`, 256 rows of `coarse` experts); at 128 rows they lost for `coarse` experts and won for `fine`
-# ones; at 32 rows (`small_coarse`) single-threaded GEMMs were 30% slower.
+# Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop,loop_serial, two full runs, and
+# shapes between its configurations): workers won with 256 or more rows per expert as long as each
+# expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 2-11% faster), and lost for large
+# GEMMs that already keep all threads busy (`coarse`: 1024 rows x 512 x 2048, 3-10% slower) and for
+# few rows (`small_coarse`, 32 rows: single-threaded GEMMs 30% slower).
 WORKERS_MIN_MEAN_ROWS = 256
+WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
 # A group with much more than its share of rows (one hot expert) would leave the other threads idle
 # while its GEMMs run on fewer threads than the serial loop gives them.
 WORKERS_MAX_IMBALANCE = 1.25
@@ -75,13 +79,19 @@ def expert_groups(counts: Sequence[int], num_groups: int) -> List[List[int]]:
     return [sorted(g) for g in groups]
 
 
-def plan_expert_groups(device: torch.device, counts: Sequence[int]) -> List[List[int]]:
-    """The expert groups the fused loop runs side by side; one group (or none) means serially."""
+def plan_expert_groups(device: torch.device, counts: Sequence[int], macs_per_row: int) -> List[List[int]]:
+    """The expert groups the fused loop runs side by side; one group (or none) means serially.
+
+    ``macs_per_row``: multiply-adds of one row through an expert's first layer (``in_features * H'``).
+    """
     serial = expert_groups(counts, 1)
     threads = torch.get_num_threads()
     hit = sum(1 for c in counts if c)
     routed = sum(counts)
-    if not _usable(device) or threads < 2 or hit < 2 or routed / hit < WORKERS_MIN_MEAN_ROWS:
+    if not _usable(device) or threads < 2 or hit < 2:
+        return serial
+    mean_rows = routed / hit
+    if mean_rows < WORKERS_MIN_MEAN_ROWS or mean_rows * macs_per_row > WORKERS_MAX_EXPERT_MACS:
         return serial
     groups = expert_groups(counts, min(threads, MAX_WORKERS))
     largest = max(sum(counts[e] for e in g) for g in groups)

@@ -14,6 +14,7 @@ from tests.layers._reference import reference_moe
 
 CPU = torch.device("cpu")
 ROWS = workers.WORKERS_MIN_MEAN_ROWS
+MACS = 16 * 48  # in_features x first-layer width of the small test layers
 
 
 @pytest.fixture
@@ -48,26 +49,28 @@ def test_groups_never_exceed_hit_experts_or_requested_number():
 
 
 def test_plan_uses_workers_only_where_measured_to_help(two_threads):
-    assert len(plan_expert_groups(CPU, [ROWS] * 4)) == 2
-    assert plan_expert_groups(torch.device("cuda"), [ROWS] * 4) == [[0, 1, 2, 3]]
-    assert plan_expert_groups(CPU, [ROWS - 1] * 4) == [[0, 1, 2, 3]]  # too few rows per expert
-    assert plan_expert_groups(CPU, [4 * ROWS, 0, 0]) == [[0]]  # one hit expert
-    assert plan_expert_groups(CPU, [6 * ROWS, ROWS, ROWS]) == [[0, 1, 2]]  # one hot expert: groups unbalanced
+    assert len(plan_expert_groups(CPU, [ROWS] * 4, MACS)) == 2
+    assert plan_expert_groups(torch.device("cuda"), [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
+    assert plan_expert_groups(CPU, [ROWS - 1] * 4, MACS) == [[0, 1, 2, 3]]  # too few rows per expert
+    assert plan_expert_groups(CPU, [4 * ROWS, 0, 0], MACS) == [[0]]  # one hit expert
+    assert plan_expert_groups(CPU, [6 * ROWS, ROWS, ROWS], MACS) == [[0, 1, 2]]  # one hot expert: groups unbalanced
+    big = int(workers.WORKERS_MAX_EXPERT_MACS / ROWS) + 1
+    assert plan_expert_groups(CPU, [ROWS] * 4, big) == [[0, 1, 2, 3]]  # GEMMs big enough for all threads
     torch.set_num_threads(1)
-    assert plan_expert_groups(CPU, [ROWS] * 4) == [[0, 1, 2, 3]]
+    assert plan_expert_groups(CPU, [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
 
 
 def test_workers_can_be_turned_off(two_threads, serial):
     assert not workers.expert_workers_enabled()
-    assert plan_expert_groups(CPU, [ROWS] * 4) == [[0, 1, 2, 3]]
+    assert plan_expert_groups(CPU, [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
     names = run_expert_groups(lambda g: threading.current_thread().name, [[0], [1]])
     assert names == [threading.current_thread().name] * 2
 
 
 def test_no_workers_under_the_profiler(two_threads):
     with torch.profiler.profile():
-        assert plan_expert_groups(CPU, [ROWS] * 4) == [[0, 1, 2, 3]]
-    assert len(plan_expert_groups(CPU, [ROWS] * 4)) == 2
+        assert plan_expert_groups(CPU, [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
+    assert len(plan_expert_groups(CPU, [ROWS] * 4, MACS)) == 2
 
 
 def test_workers_run_single_threaded_without_grad_and_leave_thread_counts_alone(two_threads):
@@ -104,7 +107,7 @@ def test_a_pool_that_cannot_be_set_up_is_not_used(two_threads, monkeypatch):
         real(n)
 
     monkeypatch.setattr(torch, "set_num_threads", refuse_in_workers)
-    assert plan_expert_groups(CPU, [ROWS] * 4) == [[0, 1, 2, 3]]
+    assert plan_expert_groups(CPU, [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
     assert workers._pools == {2: None}
     assert torch.get_num_threads() == 2
     names = run_expert_groups(lambda g: threading.current_thread().name, [[0], [1]])
@@ -147,7 +150,7 @@ def test_loop_on_workers_equals_serial_loop_and_reference(two_threads, kw):
     moe = SparseMoE(16, 24, dispatch_layout="loop", **kw).double()
     x = torch.randn(int(1.5 * ROWS * moe.num_experts / moe.k), 16, dtype=torch.float64)  # 1.5 * ROWS per expert
     moe(x)
-    assert len(plan_expert_groups(CPU, moe.tokens_per_expert.tolist())) == 2  # the workers are really used
+    assert len(plan_expert_groups(CPU, moe.tokens_per_expert.tolist(), MACS)) == 2  # the workers are really used
     parallel = _grads(moe, x)
     set_expert_workers(False)
     try:
@@ -169,7 +172,7 @@ def test_empty_expert_next_to_busy_ones_gets_zero_gradient(two_threads):
     x[:, 15] = 1.0
     moe(x)
     assert moe.tokens_per_expert[4] == 0
-    assert len(plan_expert_groups(CPU, moe.tokens_per_expert.tolist())) == 2
+    assert len(plan_expert_groups(CPU, moe.tokens_per_expert.tolist(), MACS)) == 2
     _grads(moe, x)  # the first step fills the recycled gradient buffers
     moe.experts.w1.grad.fill_(1.0)
     moe.experts.w2.grad.fill_(1.0)
@@ -267,3 +270,27 @@ def test_second_backward_through_the_loop_says_why_it_fails():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         out.backward()
+
+
+def test_two_python_threads_share_the_workers(two_threads):
+    torch.manual_seed(0)
+    layers = [SparseMoE(16, 24, num_experts=4, k=2, dispatch_layout="loop").double() for _ in range(2)]
+    inputs = [torch.randn(3 * ROWS, 16, dtype=torch.float64) for _ in range(2)]
+    expected = [_grads(m, x) for m, x in zip(layers, inputs, strict=True)]
+    results, errors = [None, None], []
+
+    def train(i):
+        try:
+            torch.set_num_threads(2)
+            results[i] = _grads(layers[i], inputs[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and all(r is not None for r in results)
+    for got, want in zip(results, expected, strict=True):
+        _assert_all_close(got, want, 1e-10)

@@ -56,8 +56,9 @@ def test_fused_loop_reuses_its_saved_activation_memory_and_never_while_a_backwar
     ref = torch.autograd.grad(moe(x).square().sum() + moe(2 * x).square().sum(), moe.experts.w1)[0]
     moe.zero_grad()
     first = moe(x).square().sum()
+    held = workspace._storage.data_ptr()
     second = moe(2 * x).square().sum()  # the first forward still holds its activations: a fresh buffer
-    assert workspace._storage.data_ptr() != ptr
+    assert workspace._storage.data_ptr() != held
     grad = torch.autograd.grad(first, moe.experts.w1)[0] + torch.autograd.grad(second, moe.experts.w1)[0]
     torch.testing.assert_close(grad, ref)
 

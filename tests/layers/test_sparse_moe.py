@@ -165,8 +165,11 @@ def test_shared_experts():
                                              + averaged.shared_expert(x, [10])) / 2)
 
 
-def test_bf16_autocast():
-    moe = SparseMoE(16, 32, num_experts=4)
+@pytest.mark.parametrize("kw", [{}, {"glu": True, "act_layer": "silu", "dispatch_layout": "sorted"},
+                                {"glu": True, "act_layer": "silu", "dispatch_layout": "loop"},
+                                {"glu": True, "dispatch_layout": "padded"}])
+def test_bf16_autocast(kw):
+    moe = SparseMoE(16, 32, num_experts=4, **kw)
     x = torch.randn(2, 9, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe(x)
