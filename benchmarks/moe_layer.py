@@ -10,8 +10,8 @@ no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, r
   default auxiliary losses (Switch load-balance + router z-loss) computed in the forward pass as the
   layer always does; only ``output.sum()`` is back-propagated. ``--layouts`` adds the same layer with
   one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``) and
-  ``moemix:loop_serial``, the fused loop with its CPU worker threads off
-  (:mod:`moemix.layers.expert_workers`).
+  ``moemix:loop_serial``, the fused loop with its CPU worker threads off, and ``moemix:loop_workers``,
+  the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`).
 * ``hf_loop``: the HF-transformers Mixtral loop (transformers 4.x ``MixtralSparseMoeBlock``, written
   here): one ``nn.Linear`` triple per expert, ``torch.where(expert_mask[e])``, gather, expert MLP,
   ``index_add_``. This is the baseline of the issue's targets (``vs_hf_loop``).
@@ -68,6 +68,7 @@ from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_pea
                      rss_bytes, sync)
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
+from moemix.layers import expert_workers  # noqa: E402
 from moemix.layers.expert_workers import set_expert_workers  # noqa: E402
 
 D = 512
@@ -91,6 +92,7 @@ CONFIGS = [
 ROUTINGS = ("balanced", "skewed")
 MAIN_VARIANTS = ("moemix", "hf_loop", "gshard", "dense_active")
 SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worker threads turned off
+WORKERS_LOOP = "loop_workers"  # --layouts name: the fused loop on worker threads whatever the size rules say
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     if name.startswith("moemix:"):  # the same layer with one dispatch strategy forced
         layout = name.split(":", 1)[1]
         forced = SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k,
-                           dispatch_layout="loop" if layout == SERIAL_LOOP else layout)
+                           dispatch_layout="loop" if layout in (SERIAL_LOOP, WORKERS_LOOP) else layout)
         forced.load_state_dict(moe.state_dict())
         return forced
     if name == "hf_loop":
@@ -302,17 +304,26 @@ def make_step(name: str, module: nn.Module, x: torch.Tensor) -> Callable[[], Non
         x.grad = None
         forward_of(name, module, x).sum().backward()
 
-    if name != f"moemix:{SERIAL_LOOP}":
-        return step
+    if name == f"moemix:{SERIAL_LOOP}":
+        def serial_step():  # the fused loop without its CPU worker threads
+            set_expert_workers(False)
+            try:
+                step()
+            finally:
+                set_expert_workers(True)
 
-    def serial_step():  # the fused loop without its CPU worker threads
-        set_expert_workers(False)
-        try:
-            step()
-        finally:
-            set_expert_workers(True)
+        return serial_step
+    if name == f"moemix:{WORKERS_LOOP}":
+        def workers_step():  # the size rules lifted: workers whenever there are 2 threads and 2 hit experts
+            rules = expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS
+            expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = 0, math.inf
+            try:
+                step()
+            finally:
+                expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = rules
 
-    return serial_step
+        return workers_step
+    return step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,7 +538,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
                    f"e.g. loop,sorted,padded (the data behind the 'auto' rule); {SERIAL_LOOP} is the fused loop "
-                   "without its CPU worker threads")
+                   f"without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads whatever "
+                   "their size rules say (the data behind those rules)")
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
                         "applies to every variant in the process)")

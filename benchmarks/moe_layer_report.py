@@ -1,8 +1,11 @@
 """Write docs/results/moe_layer.md from the JSON files of benchmarks/moe_layer.py.
 
-    python benchmarks/moe_layer.py --layouts loop,sorted,padded --json default.json
-    python benchmarks/moe_layer.py --layouts loop,sorted,padded --allocator reuse --json reuse.json
-    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] \
+    python benchmarks/moe_layer.py --layouts loop,loop_serial,sorted,padded --json default.json
+    python benchmarks/moe_layer.py --layouts loop,loop_serial,sorted,padded --allocator reuse --no-memory \
+        --json reuse.json
+    python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
+        --json workers.json
+    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] [--workers workers.json] \
         [--runs run1.json run2.json ...] > docs/results/moe_layer.md
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
@@ -15,11 +18,13 @@ import argparse
 import json
 import statistics
 
+from moemix.layers.expert_workers import WORKERS_MAX_EXPERT_MACS, WORKERS_MIN_MEAN_ROWS
+
 TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum)
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
 }
 COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop",
-           "moemix:loop_serial", "moemix:sorted", "moemix:padded", "megablocks"]
+           "moemix:loop_serial", "moemix:loop_workers", "moemix:sorted", "moemix:padded", "megablocks"]
 
 
 def fmt(v):
@@ -57,6 +62,22 @@ def memory_table(results: dict) -> list:
     return lines
 
 
+def workers_table(results: dict) -> list:
+    """The fused loop with its worker threads forced on and off, with the paired ratio (data behind the rules)."""
+    lines = ["| case | moemix:loop_serial ms | moemix:loop_workers ms | serial / workers (paired) | moemix uses workers |",
+             "|---|---|---|---|---|"]
+    for k in (k for k in results if k != "meta"):
+        t = results[k]["timing_detail"]
+        serial, workers = t["moemix:loop_serial"], t["moemix:loop_workers"]
+        ratio = statistics.median(a / b for a, b in zip(serial["samples_ms"], workers["samples_ms"], strict=True))
+        cfg = results[k]["config"]
+        rows = cfg["T"] * cfg["k"] / cfg["E"]
+        width = 2 * cfg["H"]  # SwiGLU: gate and up
+        uses = rows >= WORKERS_MIN_MEAN_ROWS and rows * cfg["D"] * width <= WORKERS_MAX_EXPERT_MACS
+        lines.append(f"| {k} | {fmt(serial['ms'])} | {fmt(workers['ms'])} | {ratio:.3f} | {'yes' if uses else 'no'} |")
+    return lines
+
+
 def runs_table(runs: list) -> list:
     """``vs_hf_loop`` of every case in every run, and the median over the runs."""
     cases = []
@@ -84,6 +105,7 @@ def main():
     p.add_argument("default_json")
     p.add_argument("reuse_json", nargs="?")
     p.add_argument("--cuda", default=None)
+    p.add_argument("--workers", default=None, help="a --layouts loop_serial,loop_workers run")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
@@ -113,6 +135,13 @@ def main():
                 "One process per run, run one after another:", ""]
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += runs_table(runs)
+    if args.workers:
+        with open(args.workers) as f:
+            workers = json.load(f)
+        out += ["", "## CPU: the fused loop with and without its worker threads", "", meta_line(workers), "",
+                "`serial / workers` above 1 means the worker threads are faster (median of per-round ratios); "
+                "`moemix uses workers` is what the rules in `moemix.layers.expert_workers` decide for balanced "
+                "routing.", ""] + workers_table(workers)
     if args.cuda:
         with open(args.cuda) as f:
             cuda = json.load(f)
