@@ -33,11 +33,11 @@ __all__ = ["expert_groups", "plan_expert_groups", "run_expert_groups", "set_expe
 
 R = TypeVar("R")
 
-# Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop,loop_serial, two full runs, and
-# shapes between its configurations): workers won with 256 or more rows per expert as long as each
-# expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 2-11% faster), and lost for large
-# GEMMs that already keep all threads busy (`coarse`: 1024 rows x 512 x 2048, 3-10% slower) and for
-# few rows (`small_coarse`, 32 rows: single-threaded GEMMs 30% slower).
+# Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop_serial,loop_workers; table in
+# docs/results/moe_layer.md, and shapes between its configurations): with 256 or more rows per expert the
+# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 3-8% faster)
+# and gained nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512 x 2048);
+# with 32 rows per expert (`small_coarse`) the workers took 1.2x the serial time.
 WORKERS_MIN_MEAN_ROWS = 256
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
 # A group with much more than its share of rows (one hot expert) would leave the other threads idle
