@@ -18,7 +18,7 @@ import argparse
 import json
 import statistics
 
-from moemix.layers.expert_workers import WORKERS_MAX_EXPERT_MACS, WORKERS_MIN_MEAN_ROWS
+from moemix.layers.expert_workers import workers_pay_off
 
 TARGETS = {  # the targets, (vs_hf_loop minimum, vs_dense_active maximum)
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
@@ -71,9 +71,7 @@ def workers_table(results: dict) -> list:
         serial, workers = t["moemix:loop_serial"], t["moemix:loop_workers"]
         ratio = statistics.median(a / b for a, b in zip(serial["samples_ms"], workers["samples_ms"], strict=True))
         cfg = results[k]["config"]
-        rows = cfg["T"] * cfg["k"] / cfg["E"]
-        width = 2 * cfg["H"]  # SwiGLU: gate and up
-        uses = rows >= WORKERS_MIN_MEAN_ROWS and rows * cfg["D"] * width <= WORKERS_MAX_EXPERT_MACS
+        uses = workers_pay_off(cfg["T"] * cfg["k"] / cfg["E"], cfg["D"] * 2 * cfg["H"])  # SwiGLU: gate and up
         lines.append(f"| {k} | {fmt(serial['ms'])} | {fmt(workers['ms'])} | {ratio:.3f} | {'yes' if uses else 'no'} |")
     return lines
 

@@ -39,8 +39,8 @@ def activation_backward(act: nn.Module) -> Optional[Callable[..., Tensor]]:
     """Closed-form backward ``(grad_output, input, output, out=None) -> grad_input`` of a built-in activation.
 
     With ``out`` the gradient is written into it (any strides, the input's shape) and returned. Exact
-    types only (a subclass may change ``forward``); ``None`` for anything else, whose gradient callers
-    take by autograd on a recomputed forward.
+    types only (a subclass may change ``forward``); ``None`` for anything else, which callers leave to
+    plain autograd.
     """
     aten = torch.ops.aten
     kind = type(act)

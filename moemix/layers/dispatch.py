@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
-from moemix.layers.recycled_buffers import RecycledBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -266,9 +266,7 @@ class _GroupedMatmul(torch.autograd.Function):
         grad_x = None
         if need_x:  # rows past sum(counts) (dropped) get zero gradient
             grad_x = x.new_zeros(x.shape) if sum(counts) < x.shape[0] else x.new_empty(x.shape)
-        grad_w = None
-        if need_w:
-            grad_w = ctx.grad_buffer.take(weight) if ctx.grad_buffer is not None else weight.new_empty(weight.shape)
+        grad_w = take_or_empty(ctx.grad_buffer, weight) if need_w else None
         grad_b = grad.new_empty(weight.shape[0], weight.shape[-1]) if need_b and ctx.has_bias else None
         start = 0
         for e, n in enumerate(counts):
@@ -306,10 +304,7 @@ class _PaddedMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.bmm(grad, weight.transpose(1, 2)) if need_x else None
-        grad_w = None
-        if need_w:
-            grad_w = ctx.grad_buffer.take(weight) if ctx.grad_buffer is not None else weight.new_empty(weight.shape)
-            torch.bmm(x.transpose(1, 2), grad, out=grad_w)
+        grad_w = torch.bmm(x.transpose(1, 2), grad, out=take_or_empty(ctx.grad_buffer, weight)) if need_w else None
         grad_b = grad.sum(1) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
 
@@ -326,7 +321,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         counts: rows of each expert (host ints, length ``E``).
         bias: optional ``[E, out]``.
         capacity: rows per expert of the padded layout; None for the sorted layout.
-        grad_buffer: recycles the weight gradient's memory across steps (sorted layout, CPU); see
+        grad_buffer: recycles the weight gradient's memory across steps (CPU); see
             :mod:`moemix.layers.recycled_buffers`.
 
     Returns:

@@ -18,6 +18,7 @@ On CPU, groups of experts run side by side on worker threads (:mod:`moemix.layer
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -26,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from moemix.layers.activations import activation_backward, activation_forward, apply_activation, gated_activation_grad
 from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
-from moemix.layers.recycled_buffers import RecycledBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
 
 __all__ = ["fused_expert_mlp", "fused_loop_supports"]
 
@@ -71,9 +72,7 @@ class _SavedSlots:
     def __init__(self, workspace: Optional[RecycledBuffer], counts: List[int], widths: Tuple[int, int, int],
                  like: torch.Tensor):
         self.widths, self.row_width = widths, sum(widths)
-        self.starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            self.starts[e] = self.starts[e - 1] + counts[e - 1]
+        self.starts = [0, *itertools.accumulate(counts)]  # first row of each expert
         self.counts = counts
         shape = (sum(counts) * self.row_width,)
         if workspace is None:
@@ -156,9 +155,9 @@ class _FusedExpertMLP(torch.autograd.Function):
         row_weights = weights_sorted[:kept].split(counts)
         grad_weights_sorted = weights_sorted.new_zeros(weights_sorted.shape[0])
         dots_sorted = grad_weights_sorted[:kept].split(counts)
-        buffers = ctx.grad_buffers
-        grad_w1 = (buffers[0].take(w1) if buffers is not None else torch.empty_like(w1)) if need_w1 else None
-        grad_w2 = (buffers[1].take(w2) if buffers is not None else torch.empty_like(w2)) if need_w2 else None
+        buffers = ctx.grad_buffers or (None, None)
+        grad_w1 = take_or_empty(buffers[0], w1) if need_w1 else None
+        grad_w2 = take_or_empty(buffers[1], w2) if need_w2 else None
         grad_b1 = torch.empty_like(b1) if need_b1 else None
         grad_b2 = torch.empty_like(b2) if need_b2 else None
         w1s, w2s, b2s = _rows(w1), _rows(w2), _rows(b2)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 
-__all__ = ["expert_groups", "plan_expert_groups", "run_expert_groups", "set_expert_workers",
+__all__ = ["expert_groups", "plan_expert_groups", "workers_pay_off", "run_expert_groups", "set_expert_workers",
            "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_EXPERT_MACS", "WORKERS_MAX_IMBALANCE",
            "MAX_WORKERS"]
 
@@ -88,16 +88,19 @@ def plan_expert_groups(device: torch.device, counts: Sequence[int], macs_per_row
     threads = torch.get_num_threads()
     hit = sum(1 for c in counts if c)
     routed = sum(counts)
-    if not _usable(device) or threads < 2 or hit < 2:
-        return serial
-    mean_rows = routed / hit
-    if mean_rows < WORKERS_MIN_MEAN_ROWS or mean_rows * macs_per_row > WORKERS_MAX_EXPERT_MACS:
+    if not _usable(device) or threads < 2 or hit < 2 or not workers_pay_off(routed / hit, macs_per_row):
         return serial
     groups = expert_groups(counts, min(threads, MAX_WORKERS))
     largest = max(sum(counts[e] for e in g) for g in groups)
     if largest > WORKERS_MAX_IMBALANCE * routed / len(groups) or _workers(threads) is None:
         return serial
     return groups
+
+
+def workers_pay_off(mean_rows: float, macs_per_row: int) -> bool:
+    """The size rules: enough rows per expert, and an expert's first GEMM not so large that it keeps all
+    threads busy on its own (``macs_per_row = in_features * H'``)."""
+    return WORKERS_MIN_MEAN_ROWS <= mean_rows and mean_rows * macs_per_row <= WORKERS_MAX_EXPERT_MACS
 
 
 def run_expert_groups(fn: Callable[[List[int]], R], groups: List[List[int]]) -> List[R]:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RecycledBuffer"]
+__all__ = ["RecycledBuffer", "take_or_empty"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -56,3 +56,8 @@ class RecycledBuffer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+
+def take_or_empty(buffer: Optional[RecycledBuffer], like: torch.Tensor) -> torch.Tensor:
+    """``buffer.take(like)``, or a fresh uninitialised tensor like ``like`` when there is no buffer."""
+    return buffer.take(like) if buffer is not None else torch.empty_like(like)
