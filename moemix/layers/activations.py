@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from moemix.layers.recycled_buffers import RecycledPair, take_rows
+
 __all__ = ["get_act_layer", "activation_forward", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
            "ACT_LAYERS"]
 
@@ -93,12 +95,14 @@ def apply_activation(act: nn.Module, x: Tensor) -> Tensor:
     return act(x.clone()) if getattr(act, "inplace", False) else act(x)
 
 
-def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward: Callable[..., Tensor]) -> Tensor:
+def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward: Callable[..., Tensor],
+                          out: Optional[Tensor] = None) -> Tensor:
     """Gradient of ``act(gate) * up`` w.r.t. ``h = [gate | up]`` ``[..., 2H]`` for output gradient ``grad``
     ``[..., H]``, given ``act_out = act(gate)`` and the closed-form ``act_backward``
-    (:func:`activation_backward`); both halves written into one new tensor."""
+    (:func:`activation_backward`); both halves written side by side into ``out`` (contiguous, ``h``'s
+    shape) or a new tensor."""
     hidden = h.shape[-1] // 2
-    grad_h = torch.empty_like(h)
+    grad_h = torch.empty_like(h) if out is None else out
     torch.mul(grad, act_out, out=grad_h[..., hidden:])
     act_backward(grad * h[..., hidden:], h[..., :hidden], act_out, out=grad_h[..., :hidden])
     return grad_h
@@ -106,27 +110,30 @@ def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward
 
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, act, act_backward):
+    def forward(ctx, h, act, act_backward, buffers):
         hidden = h.shape[-1] // 2
         act_out = apply_activation(act, h[..., :hidden])
         ctx.save_for_backward(h, act_out)
-        ctx.act_backward = act_backward
-        return act_out * h[..., hidden:]
+        ctx.act_backward, ctx.buffers = act_backward, buffers
+        return torch.mul(act_out, h[..., hidden:], out=take_rows(buffers, "out", act_out))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         h, act_out = ctx.saved_tensors
-        return gated_activation_grad(grad, h, act_out, ctx.act_backward), None, None
+        grad_h = gated_activation_grad(grad, h, act_out, ctx.act_backward, out=take_rows(ctx.buffers, "grad_in", h))
+        return grad_h, None, None, None
 
 
-def gated_activation(h: Tensor, act: nn.Module) -> Tensor:
+def gated_activation(h: Tensor, act: nn.Module, buffers: Optional[RecycledPair] = None) -> Tensor:
     """GLU: ``act(gate) * up`` for ``h = [gate | up]`` ``[..., 2H] -> [..., H]`` (Shazeer 2020).
 
     For the built-in activations (:func:`activation_backward`) this is one autograd node whose backward
     writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
     zero-padded slice gradients that are then added); it supports one backward (no double backward).
-    Any other activation (with parameters, random, or custom) goes through plain autograd.
+    ``buffers`` (:class:`~moemix.layers.recycled_buffers.RecycledPair`) recycle the output's and the
+    gradient's memory across steps. Any other activation (with parameters, random, or custom) goes through
+    plain autograd.
     """
     if h.shape[-1] % 2:
         raise ValueError(f"h must have an even last dimension (gate then up), got {h.shape[-1]}")
@@ -134,4 +141,4 @@ def gated_activation(h: Tensor, act: nn.Module) -> Tensor:
     if act_backward is None:
         hidden = h.shape[-1] // 2
         return apply_activation(act, h[..., :hidden]) * h[..., hidden:]
-    return _GatedActivation.apply(h, act, act_backward)
+    return _GatedActivation.apply(h, act, act_backward, buffers)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
-from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
+from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPair, take_or_empty, take_rows
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -237,9 +237,9 @@ class _GroupedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts, grad_buffer):
+    def forward(ctx, x, weight, bias, counts, grad_buffer, buffers):
         rows = sum(counts)
-        out = x.new_empty(x.shape[0], weight.shape[-1])
+        out = take_rows(buffers, "out", x, (x.shape[0], weight.shape[-1]))
         if rows < x.shape[0]:
             out[rows:].zero_()
         start = 0
@@ -252,7 +252,7 @@ class _GroupedMatmul(torch.autograd.Function):
                     torch.addmm(bias[e], x[start:stop], weight[e], out=out[start:stop])
                 start = stop
         ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.grad_buffer = counts, grad_buffer
+        ctx.counts, ctx.grad_buffer, ctx.buffers = counts, grad_buffer, buffers
         ctx.has_bias = bias is not None
         return out
 
@@ -264,8 +264,9 @@ class _GroupedMatmul(torch.autograd.Function):
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = None
-        if need_x:  # rows past sum(counts) (dropped) get zero gradient
-            grad_x = x.new_zeros(x.shape) if sum(counts) < x.shape[0] else x.new_empty(x.shape)
+        if need_x:
+            grad_x = take_rows(ctx.buffers, "grad_in", x, x.shape)
+            grad_x[sum(counts):].zero_()  # rows past sum(counts) (dropped) get zero gradient
         grad_w = take_or_empty(ctx.grad_buffer, weight) if need_w else None
         grad_b = grad.new_empty(weight.shape[0], weight.shape[-1]) if need_b and ctx.has_bias else None
         start = 0
@@ -285,33 +286,36 @@ class _GroupedMatmul(torch.autograd.Function):
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
             start = stop
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _PaddedMatmul(torch.autograd.Function):
     """``x[e] @ w[e] + b[e]`` as one batched GEMM over ``[E, C, in]``; the weight gradient goes into a
-    recycled buffer when one is given."""
+    recycled buffer when one is given, the output and the input gradient when ``buffers`` are given."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_buffer):
+    def forward(ctx, x, weight, bias, grad_buffer, buffers):
         ctx.save_for_backward(x, weight)
-        ctx.grad_buffer, ctx.has_bias = grad_buffer, bias is not None
-        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+        ctx.grad_buffer, ctx.buffers, ctx.has_bias = grad_buffer, buffers, bias is not None
+        out = take_rows(buffers, "out", x, (*x.shape[:2], weight.shape[-1]))
+        return torch.bmm(x, weight, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight, out=out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.bmm(grad, weight.transpose(1, 2)) if need_x else None
+        grad_x = torch.bmm(grad, weight.transpose(1, 2), out=take_rows(ctx.buffers, "grad_in", x, x.shape)) \
+            if need_x else None
         grad_w = torch.bmm(x.transpose(1, 2), grad, out=take_or_empty(ctx.grad_buffer, weight)) if need_w else None
         grad_b = grad.sum(1) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
                    bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[RecycledBuffer] = None) -> torch.Tensor:
+                   grad_buffer: Optional[RecycledBuffer] = None, buffers: Optional[RecycledPair] = None
+                   ) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 
     Args:
@@ -323,6 +327,8 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         capacity: rows per expert of the padded layout; None for the sorted layout.
         grad_buffer: recycles the weight gradient's memory across steps (CPU); see
             :mod:`moemix.layers.recycled_buffers`.
+        buffers: recycles the output's and the input gradient's memory across steps (CPU): fresh
+            ``[R, out]`` rows each step would fault their pages in anew.
 
     Returns:
         ``[R, out]``. Runs in the autocast dtype when autocast is on.
@@ -334,5 +340,5 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
     with torch.autocast(device_type=x.device.type, enabled=False):
         if capacity is not None:
             xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
-            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer).view(x.shape[0], weight.shape[-1])
-        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer)
+            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, buffers).view(x.shape[0], weight.shape[-1])
+        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer, buffers)

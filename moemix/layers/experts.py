@@ -11,7 +11,7 @@ from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
-from moemix.layers.recycled_buffers import RecycledBuffer
+from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPair
 
 __all__ = ["GroupedExperts"]
 
@@ -76,7 +76,13 @@ class GroupedExperts(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
         self._workspace = RecycledBuffer()  # recycled activations the fused loop keeps for the backward (CPU)
+        self._row_buffers = self._new_row_buffers()
         self.reset_parameters()
+
+    @staticmethod
+    def _new_row_buffers():
+        """Recycled outputs and input gradients of fc1, the activation and fc2 on the expert buffer (CPU)."""
+        return {"fc1": RecycledPair(), "act": RecycledPair(), "fc2": RecycledPair()}
 
     def reset_parameters(self) -> None:
         """Each expert initialised as an ``nn.Linear`` pair (uniform with bound 1/sqrt(fan_in))."""
@@ -88,10 +94,12 @@ class GroupedExperts(nn.Module):
 
     def release_buffers(self) -> None:
         """Let go of the recycled memory kept between steps (CPU; e.g. before a long evaluation): the weight
-        gradients' and the fused loop's saved activations'. The next step allocates afresh; nothing else changes.
+        gradients', the fused loop's saved activations' and the expert buffer rows'. The next step allocates
+        afresh; nothing else changes.
         """
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())
         self._workspace = RecycledBuffer()
+        self._row_buffers = self._new_row_buffers()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
@@ -133,7 +141,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
-        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0])
-        h = gated_activation(h, self.act) if self.glu else self.act(h)
+        rows = self._row_buffers
+        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], rows["fc1"])
+        h = gated_activation(h, self.act, rows["act"]) if self.glu else self.act(h)
         h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1]))
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], rows["fc2"]))

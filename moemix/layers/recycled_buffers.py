@@ -1,7 +1,8 @@
-"""Recycled CPU buffers: the stacked expert weight gradients and the fused loop's saved activations.
+"""Recycled CPU buffers: the stacked expert weight gradients, the fused loop's saved activations and the
+expert buffer layouts' GEMM and GLU outputs and input gradients.
 
 The gradient of a stacked expert weight ``[E, D, H]`` is large (E times a dense layer's), and so are the
-activations the fused expert loop keeps for the backward. Allocated fresh every step, such buffers are
+activations the fused expert loop keeps for the backward and the ``[R, H]`` rows of the expert buffer. Allocated fresh every step, such buffers are
 above glibc's mmap threshold or trimmed off the heap when freed, so every step maps new pages that fault
 in and are zeroed on first touch: tens of milliseconds per step at ``E=64, D=512, H=256`` on two cores.
 :class:`RecycledBuffer` keeps the storage of the last buffer it handed out and hands it out again only
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RecycledBuffer", "take_or_empty"]
+__all__ = ["RecycledBuffer", "RecycledPair", "take_or_empty", "take_rows"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -58,6 +59,36 @@ class RecycledBuffer:
         self.__init__()
 
 
-def take_or_empty(buffer: Optional[RecycledBuffer], like: torch.Tensor) -> torch.Tensor:
-    """``buffer.take(like)``, or a fresh uninitialised tensor like ``like`` when there is no buffer."""
-    return buffer.take(like) if buffer is not None else torch.empty_like(like)
+class RecycledPair:
+    """The two buffers of one op in the expert buffer layouts: its output and its input's gradient
+    (GEMM ``x @ w``, GLU ``act(gate) * up``). Not copied by ``copy``/``pickle`` (a copy starts empty)."""
+
+    def __init__(self) -> None:
+        self.out = RecycledBuffer()
+        self.grad_in = RecycledBuffer()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+# Sizes of the expert buffer change with the routing from step to step: a new buffer leaves room.
+ROWS_HEADROOM = 1.125
+
+
+def take_or_empty(buffer: Optional[RecycledBuffer], like: torch.Tensor, shape=None,
+                  headroom: float = 1.0) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``shape`` (default ``like``'s shape) with ``like``'s dtype and
+    device: from ``buffer`` (:meth:`RecycledBuffer.take_shape`), or fresh when there is no buffer."""
+    shape = like.shape if shape is None else shape
+    if buffer is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buffer.take_shape(shape, like.dtype, like.device, headroom)
+
+
+def take_rows(buffers: Optional[RecycledPair], role: str, like: torch.Tensor, shape=None) -> torch.Tensor:
+    """Uninitialised tensor for expert-buffer rows from ``buffers.<role>`` (``"out"`` or ``"grad_in"``),
+    with room for the sizes to grow a little from step to step; fresh when ``buffers`` is None."""
+    return take_or_empty(getattr(buffers, role) if buffers is not None else None, like, shape, ROWS_HEADROOM)

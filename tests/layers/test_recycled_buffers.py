@@ -96,6 +96,53 @@ def test_live_gradients_are_never_overwritten(layout):
     torch.testing.assert_close(moe.experts.w1.grad, 2 * kept)
 
 
+def _row_storages(moe):
+    return {(op, role): getattr(pair, role)._storage for op, pair in moe.experts._row_buffers.items()
+            for role in ("out", "grad_in")}
+
+
+@pytest.mark.parametrize("layout", ["padded", "sorted"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_expert_buffer_rows_are_recycled_and_results_unchanged(layout, glu):
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 24, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout=layout).double()
+    fresh = copy.deepcopy(moe)
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    _step(moe, x)
+    kept = {key: s.data_ptr() for key, s in _row_storages(moe).items() if s is not None}
+    assert {("fc1", "out"), ("fc2", "out"), ("fc2", "grad_in")} <= set(kept)
+    assert (("act", "out") in kept) == glu and (("act", "grad_in") in kept) == glu
+    for inputs in (x, x, 3 * x.flip(1)):  # the same routing twice, then other sizes
+        moe.zero_grad(set_to_none=True)
+        _step(moe, inputs)
+        if inputs is x:  # buffers of the same sizes are reused
+            assert {key: s.data_ptr() for key, s in _row_storages(moe).items() if s is not None} == kept
+        fresh.zero_grad(set_to_none=True)
+        fresh.experts.release_buffers()  # the same step with freshly allocated rows
+        _step(fresh, inputs)
+        for p, q in zip(moe.parameters(), fresh.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "sorted"])
+def test_expert_buffer_rows_of_a_pending_backward_are_never_reused(layout):
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 24, num_experts=4, k=2, glu=True, act_layer="silu", dispatch_layout=layout,
+                    aux_loss_coef=0.0, z_loss_coef=0.0).double()
+    x1, x2 = torch.randn(30, 16, dtype=torch.float64), torch.randn(30, 16, dtype=torch.float64)
+    _step(moe, x1)  # the buffers now exist and are free
+    params = list(moe.parameters())
+    ref = [a + b for a, b in zip(torch.autograd.grad(moe(x1).square().sum(), params),
+                                 torch.autograd.grad(moe(x2).square().sum(), params))]
+    y1, y2 = moe(x1), moe(x2)  # two graphs alive at once: the second forward must not take the first's rows
+    kept = y1.detach().clone()
+    grads = [a + b for a, b in zip(torch.autograd.grad(y2.square().sum(), params),
+                                   torch.autograd.grad(y1.square().sum(), params))]
+    torch.testing.assert_close(y1, kept)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
 def test_copies_start_without_a_buffer():
     moe = SparseMoE(16, 32, num_experts=4, k=2, dispatch_layout="loop")
     _step(moe, torch.randn(8, 16))
@@ -103,6 +150,7 @@ def test_copies_start_without_a_buffer():
     for clone in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
         assert all(b._storage is None for b in clone.experts._grad_buffers)
         assert clone.experts._workspace._storage is None
+        assert all(s is None for s in _row_storages(clone).values())
         _step(clone, torch.randn(8, 16))
         assert clone.experts.w1.grad is not None
 
@@ -114,6 +162,7 @@ def test_release_buffers_gives_the_memory_back():
     moe.experts.release_buffers()
     assert all(b._storage is None for b in moe.experts._grad_buffers)
     assert moe.experts._workspace._storage is None
+    assert all(s is None for s in _row_storages(moe).values())
     _step(moe, torch.randn(8, 16))  # the next backward allocates and keeps a buffer again
     assert all(b._storage is not None for b in moe.experts._grad_buffers)
     assert torch.isfinite(moe.experts.w1.grad).all()
