@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from moemix.layers.recycled_buffers import RecycledPair, take_rows
+from moemix.layers.recycled_buffers import OpBuffers, take_rows
 
 __all__ = ["get_act_layer", "activation_forward", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
            "ACT_LAYERS"]
@@ -112,7 +112,8 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, act, act_backward, buffers):
         hidden = h.shape[-1] // 2
-        act_out = apply_activation(act, h[..., :hidden])
+        gate = h[..., :hidden]
+        act_out = activation_forward(act)(gate, take_rows(buffers, "work", h, gate.shape))
         ctx.save_for_backward(h, act_out)
         ctx.act_backward, ctx.buffers = act_backward, buffers
         return torch.mul(act_out, h[..., hidden:], out=take_rows(buffers, "out", act_out))
@@ -125,13 +126,13 @@ class _GatedActivation(torch.autograd.Function):
         return grad_h, None, None, None
 
 
-def gated_activation(h: Tensor, act: nn.Module, buffers: Optional[RecycledPair] = None) -> Tensor:
+def gated_activation(h: Tensor, act: nn.Module, buffers: Optional[OpBuffers] = None) -> Tensor:
     """GLU: ``act(gate) * up`` for ``h = [gate | up]`` ``[..., 2H] -> [..., H]`` (Shazeer 2020).
 
     For the built-in activations (:func:`activation_backward`) this is one autograd node whose backward
     writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
     zero-padded slice gradients that are then added); it supports one backward (no double backward).
-    ``buffers`` (:class:`~moemix.layers.recycled_buffers.RecycledPair`) recycle the output's and the
+    ``buffers`` (:class:`~moemix.layers.recycled_buffers.OpBuffers`) recycle the output's and the
     gradient's memory across steps. Any other activation (with parameters, random, or custom) goes through
     plain autograd.
     """

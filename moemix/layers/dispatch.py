@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
-from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPair, take_or_empty, take_rows
+from moemix.layers.recycled_buffers import RecycledBuffer, OpBuffers, take_or_empty, take_rows
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -154,12 +154,12 @@ class _DispatchTokens(torch.autograd.Function):
     """``x [T, D] -> rows [R, D]`` (zero rows for padding); backward sums each token's k copies."""
 
     @staticmethod
-    def forward(ctx, x, row_token, slot, k, has_empty_rows):
+    def forward(ctx, x, row_token, slot, k, has_empty_rows, buffers):
         ctx.save_for_backward(slot)
         ctx.k = k
         if has_empty_rows:  # padding / dropped rows read an appended zero row
             x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-        return x.index_select(0, row_token)
+        return torch.index_select(x, 0, row_token, out=take_rows(buffers, "out", x, (row_token.numel(), x.shape[-1])))
 
     @staticmethod
     @once_differentiable
@@ -167,24 +167,25 @@ class _DispatchTokens(torch.autograd.Function):
         (slot,) = ctx.saved_tensors
         # grad_x[t] = sum_j grad[slot[t, j]]: a gather-reduce that never materialises [T*k, D]
         grad_x = F.embedding_bag(slot.view(-1, ctx.k), grad, mode="sum")
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
-def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan``."""
+def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan, buffers: Optional[OpBuffers] = None) -> torch.Tensor:
+    """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan`` (into memory recycled
+    across steps from ``buffers.out`` when given)."""
     has_empty_rows = plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
-    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows)
+    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows, buffers)
 
 
 class _CombineTokens(torch.autograd.Function):
     """``rows [R, D], w [T, k] -> y[t] = sum_j w[t, j] * rows[slot[t, j]]``, gather-reduces only."""
 
     @staticmethod
-    def forward(ctx, rows, weights, slot, row_token, row_weight_index):
+    def forward(ctx, rows, weights, slot, row_token, row_weight_index, buffers):
         num_tokens, k = weights.shape
         w = weights.to(rows.dtype)
         ctx.save_for_backward(rows, w, slot, row_token, row_weight_index)
-        ctx.weights_dtype = weights.dtype
+        ctx.weights_dtype, ctx.buffers = weights.dtype, buffers
         return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
 
     @staticmethod
@@ -193,34 +194,40 @@ class _CombineTokens(torch.autograd.Function):
         rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
         grad = grad.to(rows.dtype).contiguous()
         if grad.shape[0] == 0:
-            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None
+            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None, None
         # grad of row r is grad[token of r] (unweighted first, for the weight gradient)
-        safe_token = row_token.clamp(max=grad.shape[0] - 1).view(-1, 1)
-        grad_rows = F.embedding_bag(safe_token, grad, mode="sum")
+        safe_token = row_token.clamp(max=grad.shape[0] - 1)
+        grad_rows = torch.index_select(grad, 0, safe_token, out=take_rows(ctx.buffers, "grad_in", rows))
         grad_w = None
         if ctx.needs_input_grad[1]:
             dots = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
-            for start in range(0, rows.shape[0], _CHUNK_ROWS):  # chunked: no [R, D] temporary
-                stop = start + _CHUNK_ROWS
-                torch.sum(rows[start:stop] * grad_rows[start:stop], dim=-1, out=dots[start:stop])
+            chunk = max(1, min(rows.shape[0], _CHUNK_ROWS))  # chunked: no [R, D] temporary
+            products = take_rows(ctx.buffers, "work", rows, (chunk, rows.shape[1]))
+            for start in range(0, rows.shape[0], chunk):
+                stop = min(start + chunk, rows.shape[0])
+                torch.mul(rows[start:stop], grad_rows[start:stop], out=products[:stop - start])
+                torch.sum(products[:stop - start], dim=-1, out=dots[start:stop])
+            del products
             grad_w = dots.index_select(0, slot).view_as(w).to(ctx.weights_dtype)
         # padding rows point at the appended zero weight, so their gradient is zero
         row_w = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, row_weight_index)
         grad_rows.mul_(row_w.unsqueeze(-1))
-        return grad_rows, grad_w, None, None, None
+        return grad_rows, grad_w, None, None, None, None
 
 
 _CHUNK_ROWS = 4096
 
 
-def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
+                   buffers: Optional[OpBuffers] = None) -> torch.Tensor:
     """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``.
 
     ``y[t] = sum_j weights[t, j] * rows[slot[t, j]]`` as one ``embedding_bag`` gather-reduce, so the
     ``[T*k, D]`` per-assignment outputs are never materialised. The backward gathers the output
-    gradient once per row and takes the weight gradients as row-wise dot products.
+    gradient once per row and takes the weight gradients as row-wise dot products; with ``buffers`` the
+    gathered ``[R, D]`` gradient (``grad_in``) and the products (``work``) reuse memory across steps.
     """
-    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment)
+    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, buffers)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -314,7 +321,7 @@ class _PaddedMatmul(torch.autograd.Function):
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
                    bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[RecycledBuffer] = None, buffers: Optional[RecycledPair] = None
+                   grad_buffer: Optional[RecycledBuffer] = None, buffers: Optional[OpBuffers] = None
                    ) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 

@@ -11,7 +11,7 @@ from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
-from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPair
+from moemix.layers.recycled_buffers import RecycledBuffer, OpBuffers
 
 __all__ = ["GroupedExperts"]
 
@@ -81,8 +81,8 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _new_row_buffers():
-        """Recycled outputs and input gradients of fc1, the activation and fc2 on the expert buffer (CPU)."""
-        return {"fc1": RecycledPair(), "act": RecycledPair(), "fc2": RecycledPair()}
+        """Recycled memory of the ops on the expert buffer rows (CPU; :class:`OpBuffers`)."""
+        return {op: OpBuffers() for op in ("dispatch", "fc1", "act", "fc2", "combine")}
 
     def reset_parameters(self) -> None:
         """Each expert initialised as an ``nn.Linear`` pair (uniform with bound 1/sqrt(fan_in))."""
@@ -135,8 +135,8 @@ class GroupedExperts(nn.Module):
         if plan.layout == "loop" and fused_loop_supports(self.act) and not (self.training and self.drop1.p > 0):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
-        out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity)
-        return combine_tokens(out_rows, weights, plan)
+        out_rows = self(dispatch_tokens(x, plan, self._row_buffers["dispatch"]), plan.counts, plan.capacity)
+        return combine_tokens(out_rows, weights, plan, self._row_buffers["combine"])
 
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RecycledBuffer", "RecycledPair", "take_or_empty", "take_rows"]
+__all__ = ["RecycledBuffer", "OpBuffers", "take_or_empty", "take_rows"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -59,13 +59,17 @@ class RecycledBuffer:
         self.__init__()
 
 
-class RecycledPair:
-    """The two buffers of one op in the expert buffer layouts: its output and its input's gradient
-    (GEMM ``x @ w``, GLU ``act(gate) * up``). Not copied by ``copy``/``pickle`` (a copy starts empty)."""
+class OpBuffers:
+    """The recycled buffers of one op on the expert buffer rows: ``out`` (its output), ``grad_in`` (its
+    input's gradient) and ``work`` (a tensor it keeps for the backward or works in, e.g. the GLU's
+    ``act(gate)``). Not copied by ``copy``/``pickle`` (a copy starts empty)."""
+
+    ROLES = ("out", "grad_in", "work")
 
     def __init__(self) -> None:
         self.out = RecycledBuffer()
         self.grad_in = RecycledBuffer()
+        self.work = RecycledBuffer()
 
     def __getstate__(self) -> dict:
         return {}
@@ -88,7 +92,7 @@ def take_or_empty(buffer: Optional[RecycledBuffer], like: torch.Tensor, shape=No
     return buffer.take_shape(shape, like.dtype, like.device, headroom)
 
 
-def take_rows(buffers: Optional[RecycledPair], role: str, like: torch.Tensor, shape=None) -> torch.Tensor:
-    """Uninitialised tensor for expert-buffer rows from ``buffers.<role>`` (``"out"`` or ``"grad_in"``),
+def take_rows(buffers: Optional[OpBuffers], role: str, like: torch.Tensor, shape=None) -> torch.Tensor:
+    """Uninitialised tensor for expert-buffer rows from ``buffers.<role>`` (one of :attr:`OpBuffers.ROLES`),
     with room for the sizes to grow a little from step to step; fresh when ``buffers`` is None."""
     return take_or_empty(getattr(buffers, role) if buffers is not None else None, like, shape, ROWS_HEADROOM)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemix.layers import SparseMoE
-from moemix.layers.recycled_buffers import RecycledBuffer
+from moemix.layers.recycled_buffers import OpBuffers, RecycledBuffer
 
 
 def test_take_reuses_only_released_storage():
@@ -97,8 +97,8 @@ def test_live_gradients_are_never_overwritten(layout):
 
 
 def _row_storages(moe):
-    return {(op, role): getattr(pair, role)._storage for op, pair in moe.experts._row_buffers.items()
-            for role in ("out", "grad_in")}
+    return {(op, role): getattr(buffers, role)._storage for op, buffers in moe.experts._row_buffers.items()
+            for role in OpBuffers.ROLES}
 
 
 @pytest.mark.parametrize("layout", ["padded", "sorted"])
@@ -110,8 +110,9 @@ def test_expert_buffer_rows_are_recycled_and_results_unchanged(layout, glu):
     x = torch.randn(2, 20, 16, dtype=torch.float64)
     _step(moe, x)
     kept = {key: s.data_ptr() for key, s in _row_storages(moe).items() if s is not None}
-    assert {("fc1", "out"), ("fc2", "out"), ("fc2", "grad_in")} <= set(kept)
-    assert (("act", "out") in kept) == glu and (("act", "grad_in") in kept) == glu
+    assert {("dispatch", "out"), ("fc1", "out"), ("fc2", "out"), ("fc2", "grad_in"), ("combine", "grad_in"),
+            ("combine", "work")} <= set(kept)
+    assert all(((("act", role) in kept) == glu) for role in OpBuffers.ROLES)
     for inputs in (x, x, 3 * x.flip(1)):  # the same routing twice, then other sizes
         moe.zero_grad(set_to_none=True)
         _step(moe, inputs)
