@@ -5,8 +5,9 @@
         --json reuse.json
     python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
         --json workers.json
+    python benchmarks/row_buffers.py --json row_buffers.json
     python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] [--workers workers.json] \
-        [--runs run1.json run2.json ...] > docs/results/moe_layer.md
+        [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] > docs/results/moe_layer.md
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
 ``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
@@ -76,6 +77,19 @@ def workers_table(results: dict) -> list:
     return lines
 
 
+def row_buffers_table(results: dict) -> list:
+    """The default layer against the same layer allocating its expert-buffer rows afresh every step."""
+    lines = ["| case | recycled ms | fresh ms | hf_loop ms | fresh / recycled (paired) | vs_hf_loop | "
+             "vs_hf_loop with fresh rows | page faults per step: recycled | fresh | hf_loop |", "|---" * 10 + "|"]
+    for k in (k for k in results if k != "meta"):
+        e = results[k]
+        ms, faults = e["ms"], e["faults_per_step"]
+        lines.append(f"| {k} | {fmt(ms['recycled'])} | {fmt(ms['fresh'])} | {fmt(ms['hf_loop'])} | "
+                     f"{e['fresh_over_recycled']:.3f} | {e['vs_hf_loop']:.2f} | {e['vs_hf_loop_fresh']:.2f} | "
+                     f"{faults['recycled']:.0f} | {faults['fresh']:.0f} | {faults['hf_loop']:.0f} |")
+    return lines
+
+
 def runs_table(runs: list) -> list:
     """``vs_hf_loop`` of every case in every run, and the median over the runs."""
     cases = []
@@ -104,6 +118,7 @@ def main():
     p.add_argument("reuse_json", nargs="?")
     p.add_argument("--cuda", default=None)
     p.add_argument("--workers", default=None, help="a --layouts loop_serial,loop_workers run")
+    p.add_argument("--row-buffers", default=None, help="a benchmarks/row_buffers.py run")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
@@ -140,6 +155,13 @@ def main():
                 "`serial / workers` above 1 means the worker threads are faster (median of per-round ratios); "
                 "`moemix uses workers` is what the rules in `moemix.layers.expert_workers` decide for balanced "
                 "routing.", ""] + workers_table(workers)
+    if args.row_buffers:
+        with open(args.row_buffers) as f:
+            rows = json.load(f)
+        out += ["", "## CPU: recycled expert-buffer rows against fresh ones", "", meta_line(rows), "",
+                "`fresh` is the same layer with every op on the expert-buffer rows allocating its tensors anew "
+                "each step; `fresh / recycled` above 1 means recycling is faster (median of per-round ratios). "
+                "Page faults are minor faults per timed step (`getrusage`).", ""] + row_buffers_table(rows)
     if args.cuda:
         with open(args.cuda) as f:
             cuda = json.load(f)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from moemix.layers.recycled_buffers import OpBuffers, take_rows
+from moemix.layers.recycled_buffers import RecycledPool, take_or_empty
 
 __all__ = ["get_act_layer", "activation_forward", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
            "ACT_LAYERS"]
@@ -110,30 +110,30 @@ def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward
 
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, act, act_backward, buffers):
+    def forward(ctx, h, act, act_backward, pool):
         hidden = h.shape[-1] // 2
         gate = h[..., :hidden]
-        act_out = activation_forward(act)(gate, take_rows(buffers, "work", h, gate.shape))
+        act_out = activation_forward(act)(gate, take_or_empty(pool, h, gate.shape))
         ctx.save_for_backward(h, act_out)
-        ctx.act_backward, ctx.buffers = act_backward, buffers
-        return torch.mul(act_out, h[..., hidden:], out=take_rows(buffers, "out", act_out))
+        ctx.act_backward, ctx.pool = act_backward, pool
+        return torch.mul(act_out, h[..., hidden:], out=take_or_empty(pool, act_out))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         h, act_out = ctx.saved_tensors
-        grad_h = gated_activation_grad(grad, h, act_out, ctx.act_backward, out=take_rows(ctx.buffers, "grad_in", h))
+        grad_h = gated_activation_grad(grad, h, act_out, ctx.act_backward, out=take_or_empty(ctx.pool, h))
         return grad_h, None, None, None
 
 
-def gated_activation(h: Tensor, act: nn.Module, buffers: Optional[OpBuffers] = None) -> Tensor:
+def gated_activation(h: Tensor, act: nn.Module, pool: Optional[RecycledPool] = None) -> Tensor:
     """GLU: ``act(gate) * up`` for ``h = [gate | up]`` ``[..., 2H] -> [..., H]`` (Shazeer 2020).
 
     For the built-in activations (:func:`activation_backward`) this is one autograd node whose backward
     writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
     zero-padded slice gradients that are then added); it supports one backward (no double backward).
-    ``buffers`` (:class:`~moemix.layers.recycled_buffers.OpBuffers`) recycle the output's and the
-    gradient's memory across steps. Any other activation (with parameters, random, or custom) goes through
+    ``pool`` (:class:`~moemix.layers.recycled_buffers.RecycledPool`) recycles the memory of ``act(gate)``,
+    the output and the gradient across steps. Any other activation (with parameters, random, or custom) goes through
     plain autograd.
     """
     if h.shape[-1] % 2:
@@ -142,4 +142,4 @@ def gated_activation(h: Tensor, act: nn.Module, buffers: Optional[OpBuffers] = N
     if act_backward is None:
         hidden = h.shape[-1] // 2
         return apply_activation(act, h[..., :hidden]) * h[..., hidden:]
-    return _GatedActivation.apply(h, act, act_backward, buffers)
+    return _GatedActivation.apply(h, act, act_backward, pool)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moemix.layers._validate import check_choice
-from moemix.layers.recycled_buffers import RecycledBuffer, OpBuffers, take_or_empty, take_rows
+from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool, take_or_empty
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
@@ -154,12 +154,12 @@ class _DispatchTokens(torch.autograd.Function):
     """``x [T, D] -> rows [R, D]`` (zero rows for padding); backward sums each token's k copies."""
 
     @staticmethod
-    def forward(ctx, x, row_token, slot, k, has_empty_rows, buffers):
+    def forward(ctx, x, row_token, slot, k, has_empty_rows, pool):
         ctx.save_for_backward(slot)
         ctx.k = k
         if has_empty_rows:  # padding / dropped rows read an appended zero row
             x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-        return torch.index_select(x, 0, row_token, out=take_rows(buffers, "out", x, (row_token.numel(), x.shape[-1])))
+        return torch.index_select(x, 0, row_token, out=take_or_empty(pool, x, (row_token.numel(), x.shape[-1])))
 
     @staticmethod
     @once_differentiable
@@ -170,22 +170,22 @@ class _DispatchTokens(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan, buffers: Optional[OpBuffers] = None) -> torch.Tensor:
+def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan, pool: Optional[RecycledPool] = None) -> torch.Tensor:
     """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan`` (into memory recycled
-    across steps from ``buffers.out`` when given)."""
+    across steps from ``pool`` when given)."""
     has_empty_rows = plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
-    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows, buffers)
+    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows, pool)
 
 
 class _CombineTokens(torch.autograd.Function):
     """``rows [R, D], w [T, k] -> y[t] = sum_j w[t, j] * rows[slot[t, j]]``, gather-reduces only."""
 
     @staticmethod
-    def forward(ctx, rows, weights, slot, row_token, row_weight_index, buffers):
+    def forward(ctx, rows, weights, slot, row_token, row_weight_index, pool):
         num_tokens, k = weights.shape
         w = weights.to(rows.dtype)
         ctx.save_for_backward(rows, w, slot, row_token, row_weight_index)
-        ctx.weights_dtype, ctx.buffers = weights.dtype, buffers
+        ctx.weights_dtype, ctx.pool = weights.dtype, pool
         return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
 
     @staticmethod
@@ -197,12 +197,12 @@ class _CombineTokens(torch.autograd.Function):
             return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None, None
         # grad of row r is grad[token of r] (unweighted first, for the weight gradient)
         safe_token = row_token.clamp(max=grad.shape[0] - 1)
-        grad_rows = torch.index_select(grad, 0, safe_token, out=take_rows(ctx.buffers, "grad_in", rows))
+        grad_rows = torch.index_select(grad, 0, safe_token, out=take_or_empty(ctx.pool, rows))
         grad_w = None
         if ctx.needs_input_grad[1]:
             dots = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
             chunk = max(1, min(rows.shape[0], _CHUNK_ROWS))  # chunked: no [R, D] temporary
-            products = take_rows(ctx.buffers, "work", rows, (chunk, rows.shape[1]))
+            products = take_or_empty(ctx.pool, rows, (chunk, rows.shape[1]))
             for start in range(0, rows.shape[0], chunk):
                 stop = min(start + chunk, rows.shape[0])
                 torch.mul(rows[start:stop], grad_rows[start:stop], out=products[:stop - start])
@@ -219,15 +219,15 @@ _CHUNK_ROWS = 4096
 
 
 def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-                   buffers: Optional[OpBuffers] = None) -> torch.Tensor:
+                   pool: Optional[RecycledPool] = None) -> torch.Tensor:
     """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``.
 
     ``y[t] = sum_j weights[t, j] * rows[slot[t, j]]`` as one ``embedding_bag`` gather-reduce, so the
     ``[T*k, D]`` per-assignment outputs are never materialised. The backward gathers the output
-    gradient once per row and takes the weight gradients as row-wise dot products; with ``buffers`` the
-    gathered ``[R, D]`` gradient (``grad_in``) and the products (``work``) reuse memory across steps.
+    gradient once per row and takes the weight gradients as row-wise dot products; with ``pool`` the
+    gathered ``[R, D]`` gradient and the products reuse memory across steps.
     """
-    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, buffers)
+    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, pool)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -244,9 +244,9 @@ class _GroupedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts, grad_buffer, buffers):
+    def forward(ctx, x, weight, bias, counts, grad_buffer, pool):
         rows = sum(counts)
-        out = take_rows(buffers, "out", x, (x.shape[0], weight.shape[-1]))
+        out = take_or_empty(pool, x, (x.shape[0], weight.shape[-1]))
         if rows < x.shape[0]:
             out[rows:].zero_()
         start = 0
@@ -259,7 +259,7 @@ class _GroupedMatmul(torch.autograd.Function):
                     torch.addmm(bias[e], x[start:stop], weight[e], out=out[start:stop])
                 start = stop
         ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.grad_buffer, ctx.buffers = counts, grad_buffer, buffers
+        ctx.counts, ctx.grad_buffer, ctx.pool = counts, grad_buffer, pool
         ctx.has_bias = bias is not None
         return out
 
@@ -272,7 +272,7 @@ class _GroupedMatmul(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = None
         if need_x:
-            grad_x = take_rows(ctx.buffers, "grad_in", x, x.shape)
+            grad_x = take_or_empty(ctx.pool, x, x.shape)
             grad_x[sum(counts):].zero_()  # rows past sum(counts) (dropped) get zero gradient
         grad_w = take_or_empty(ctx.grad_buffer, weight) if need_w else None
         grad_b = grad.new_empty(weight.shape[0], weight.shape[-1]) if need_b and ctx.has_bias else None
@@ -298,13 +298,13 @@ class _GroupedMatmul(torch.autograd.Function):
 
 class _PaddedMatmul(torch.autograd.Function):
     """``x[e] @ w[e] + b[e]`` as one batched GEMM over ``[E, C, in]``; the weight gradient goes into a
-    recycled buffer when one is given, the output and the input gradient when ``buffers`` are given."""
+    recycled buffer when one is given, the output and the input gradient come from ``pool`` when given."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_buffer, buffers):
+    def forward(ctx, x, weight, bias, grad_buffer, pool):
         ctx.save_for_backward(x, weight)
-        ctx.grad_buffer, ctx.buffers, ctx.has_bias = grad_buffer, buffers, bias is not None
-        out = take_rows(buffers, "out", x, (*x.shape[:2], weight.shape[-1]))
+        ctx.grad_buffer, ctx.pool, ctx.has_bias = grad_buffer, pool, bias is not None
+        out = take_or_empty(pool, x, (*x.shape[:2], weight.shape[-1]))
         return torch.bmm(x, weight, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight, out=out)
 
     @staticmethod
@@ -312,7 +312,7 @@ class _PaddedMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.bmm(grad, weight.transpose(1, 2), out=take_rows(ctx.buffers, "grad_in", x, x.shape)) \
+        grad_x = torch.bmm(grad, weight.transpose(1, 2), out=take_or_empty(ctx.pool, x, x.shape)) \
             if need_x else None
         grad_w = torch.bmm(x.transpose(1, 2), grad, out=take_or_empty(ctx.grad_buffer, weight)) if need_w else None
         grad_b = grad.sum(1) if need_b and ctx.has_bias else None
@@ -321,7 +321,7 @@ class _PaddedMatmul(torch.autograd.Function):
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
                    bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[RecycledBuffer] = None, buffers: Optional[OpBuffers] = None
+                   grad_buffer: Optional[RecycledBuffer] = None, pool: Optional[RecycledPool] = None
                    ) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 
@@ -334,7 +334,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         capacity: rows per expert of the padded layout; None for the sorted layout.
         grad_buffer: recycles the weight gradient's memory across steps (CPU); see
             :mod:`moemix.layers.recycled_buffers`.
-        buffers: recycles the output's and the input gradient's memory across steps (CPU): fresh
+        pool: recycles the output's and the input gradient's memory across steps (CPU): fresh
             ``[R, out]`` rows each step would fault their pages in anew.
 
     Returns:
@@ -347,5 +347,5 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
     with torch.autocast(device_type=x.device.type, enabled=False):
         if capacity is not None:
             xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
-            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, buffers).view(x.shape[0], weight.shape[-1])
-        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer, buffers)
+            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, pool).view(x.shape[0], weight.shape[-1])
+        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer, pool)

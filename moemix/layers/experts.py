@@ -11,7 +11,7 @@ from moemix.layers._validate import check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
-from moemix.layers.recycled_buffers import RecycledBuffer, OpBuffers
+from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
 
 __all__ = ["GroupedExperts"]
 
@@ -76,13 +76,8 @@ class GroupedExperts(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
         self._workspace = RecycledBuffer()  # recycled activations the fused loop keeps for the backward (CPU)
-        self._row_buffers = self._new_row_buffers()
+        self._row_pool = RecycledPool()  # recycled temporaries of the padded and sorted layouts (CPU)
         self.reset_parameters()
-
-    @staticmethod
-    def _new_row_buffers():
-        """Recycled memory of the ops on the expert buffer rows (CPU; :class:`OpBuffers`)."""
-        return {op: OpBuffers() for op in ("dispatch", "fc1", "act", "fc2", "combine")}
 
     def reset_parameters(self) -> None:
         """Each expert initialised as an ``nn.Linear`` pair (uniform with bound 1/sqrt(fan_in))."""
@@ -99,7 +94,7 @@ class GroupedExperts(nn.Module):
         """
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())
         self._workspace = RecycledBuffer()
-        self._row_buffers = self._new_row_buffers()
+        self._row_pool = RecycledPool()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
@@ -135,14 +130,14 @@ class GroupedExperts(nn.Module):
         if plan.layout == "loop" and fused_loop_supports(self.act) and not (self.training and self.drop1.p > 0):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
-        out_rows = self(dispatch_tokens(x, plan, self._row_buffers["dispatch"]), plan.counts, plan.capacity)
-        return combine_tokens(out_rows, weights, plan, self._row_buffers["combine"])
+        out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity)
+        return combine_tokens(out_rows, weights, plan, self._row_pool)
 
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
-        rows = self._row_buffers
-        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], rows["fc1"])
-        h = gated_activation(h, self.act, rows["act"]) if self.glu else self.act(h)
+        pool = self._row_pool
+        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], pool)
+        h = gated_activation(h, self.act, pool) if self.glu else self.act(h)
         h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], rows["fc2"]))
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], pool))

@@ -1,16 +1,18 @@
 """Recycled CPU buffers: the stacked expert weight gradients, the fused loop's saved activations and the
-expert buffer layouts' GEMM and GLU outputs and input gradients.
+temporaries of the padded and sorted layouts.
 
 The gradient of a stacked expert weight ``[E, D, H]`` is large (E times a dense layer's), and so are the
-activations the fused expert loop keeps for the backward and the ``[R, H]`` rows of the expert buffer. Allocated fresh every step, such buffers are
-above glibc's mmap threshold or trimmed off the heap when freed, so every step maps new pages that fault
-in and are zeroed on first touch: tens of milliseconds per step at ``E=64, D=512, H=256`` on two cores.
-:class:`RecycledBuffer` keeps the storage of the last buffer it handed out and hands it out again only
-once nothing else refers to it: for a gradient, ``zero_grad(set_to_none=True)`` dropped ``.grad`` or
-autograd summed it into an existing ``.grad``; for saved activations, the backward let them go. While
-anything still holds it (``.grad``, a tensor returned by ``torch.autograd.grad``, a view, a forward
-whose backward has not run yet) a fresh buffer is allocated and kept instead, so no tensor anyone can
-see is ever overwritten.
+activations the fused expert loop keeps for the backward and the ``[R, H]`` rows of the expert buffer.
+Allocated fresh every step, such buffers are above glibc's mmap threshold or trimmed off the heap when
+freed, so every step maps new pages that fault in and are zeroed on first touch: tens of milliseconds
+per step at ``E=64, D=512, H=256`` on two cores. :class:`RecycledBuffer` keeps the storage of the last
+buffer it handed out and hands it out again only once nothing else refers to it: for a gradient,
+``zero_grad(set_to_none=True)`` dropped ``.grad`` or autograd summed it into an existing ``.grad``; for
+saved activations, the backward let them go. While anything still holds it (``.grad``, a tensor
+returned by ``torch.autograd.grad``, a view, a forward whose backward has not run yet) a fresh buffer is
+allocated and kept instead, so no tensor anyone can see is ever overwritten. :class:`RecycledPool` does
+the same for the many short-lived temporaries of one step, sharing buffers between tensors that are
+not alive at the same time.
 
 Only CPU tensors are recycled; the CUDA caching allocator already reuses freed blocks.
 """
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 
-__all__ = ["RecycledBuffer", "OpBuffers", "take_or_empty", "take_rows"]
+__all__ = ["RecycledBuffer", "RecycledPool", "take_or_empty"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -59,17 +61,45 @@ class RecycledBuffer:
         self.__init__()
 
 
-class OpBuffers:
-    """The recycled buffers of one op on the expert buffer rows: ``out`` (its output), ``grad_in`` (its
-    input's gradient) and ``work`` (a tensor it keeps for the backward or works in, e.g. the GLU's
-    ``act(gate)``). Not copied by ``copy``/``pickle`` (a copy starts empty)."""
+class RecycledPool:
+    """Recyclable buffers for the temporaries of one layer's step (CPU): the expert-buffer rows, GEMM
+    outputs and input gradients of the padded and sorted layouts.
 
-    ROLES = ("out", "grad_in", "work")
+    A request gets the smallest free buffer that is large enough, else a new one, which replaces the
+    largest free buffer that was too small; so the pool never holds more buffers than the step had alive
+    at once, and their sizes grow to the largest the steps asked for. A buffer is free once nothing
+    refers to it (the backward let its tensor go, or the caller dropped it). Not copied by
+    ``copy``/``pickle`` (a copy starts empty).
+    """
 
     def __init__(self) -> None:
-        self.out = RecycledBuffer()
-        self.grad_in = RecycledBuffer()
-        self.work = RecycledBuffer()
+        self._storages: List[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+
+    def take_shape(self, shape, dtype: torch.dtype, device: torch.device, headroom: float = 1.0) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape`` from a free buffer of the pool (CPU)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if torch.device(device).type != "cpu" or _storage_use_count is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            free = [s for s in self._storages if _storage_use_count(s._cdata) == 1]
+            fitting = [s for s in free if s.nbytes() >= nbytes]
+            if fitting:
+                storage = min(fitting, key=lambda s: s.nbytes())
+            else:
+                if free:  # all too small: the largest makes way
+                    self._storages.remove(max(free, key=lambda s: s.nbytes()))
+                storage = torch.empty(int(nbytes * headroom), dtype=torch.uint8).untyped_storage()
+                self._storages.append(storage)
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds."""
+        return sum(s.nbytes() for s in self._storages)
+
+    def __len__(self) -> int:
+        return len(self._storages)
 
     def __getstate__(self) -> dict:
         return {}
@@ -78,21 +108,12 @@ class OpBuffers:
         self.__init__()
 
 
-# Sizes of the expert buffer change with the routing from step to step: a new buffer leaves room.
-ROWS_HEADROOM = 1.125
-
-
-def take_or_empty(buffer: Optional[RecycledBuffer], like: torch.Tensor, shape=None,
+def take_or_empty(buffer: Optional[Union[RecycledBuffer, RecycledPool]], like: torch.Tensor, shape=None,
                   headroom: float = 1.0) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape`` (default ``like``'s shape) with ``like``'s dtype and
-    device: from ``buffer`` (:meth:`RecycledBuffer.take_shape`), or fresh when there is no buffer."""
+    device: from ``buffer`` (a :class:`RecycledBuffer` or :class:`RecycledPool`), or fresh when it is None."""
     shape = like.shape if shape is None else shape
     if buffer is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return buffer.take_shape(shape, like.dtype, like.device, headroom)
 
-
-def take_rows(buffers: Optional[OpBuffers], role: str, like: torch.Tensor, shape=None) -> torch.Tensor:
-    """Uninitialised tensor for expert-buffer rows from ``buffers.<role>`` (one of :attr:`OpBuffers.ROLES`),
-    with room for the sizes to grow a little from step to step; fresh when ``buffers`` is None."""
-    return take_or_empty(getattr(buffers, role) if buffers is not None else None, like, shape, ROWS_HEADROOM)
