@@ -112,6 +112,16 @@ def meta_line(results: dict) -> str:
             f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['threads']} threads, allocator {m.get('allocator', 'default')}")
 
 
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def section(title: str, results: dict, intro, lines: list) -> list:
+    """A ``## title`` section: the command line of the run, an optional paragraph, then the table."""
+    return ["", f"## {title}", "", meta_line(results), ""] + ([intro, ""] if intro else []) + lines
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("default_json")
@@ -129,43 +139,36 @@ def main():
            "FLOPs; 1.0 is the practical limit); both ratios are medians over rounds of the two variants' "
            "time ratio within a round, so they need not equal the ratio of the ms columns. `moemix` is the default (`dispatch_layout=\"auto\"`); the "
            "`moemix:<strategy>` columns force one strategy and are the data behind the auto rule.", ""]
-    with open(args.default_json) as f:
-        default = json.load(f)
+    default = load_json(args.default_json)
     out += ["## CPU, default glibc allocator", "", meta_line(default), ""] + table(default)
     out += ["", "Peak memory of one step beyond what was resident before it (fresh process per variant, "
             "balanced routing):", ""] + memory_table(default)
     if args.reuse_json:
-        with open(args.reuse_json) as f:
-            reuse = json.load(f)
-        out += ["", "## CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", "",
-                meta_line(reuse), ""] + table(reuse)
+        reuse = load_json(args.reuse_json)
+        out += section("CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", reuse,
+                       None, table(reuse))
     if args.runs:
-        runs = []
-        for path in args.runs:
-            with open(path) as f:
-                runs.append(json.load(f))
+        runs = [load_json(path) for path in args.runs]
         out += ["", "## CPU: `vs_hf_loop` across repeated runs", "",
                 "One process per run, run one after another:", ""]
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += runs_table(runs)
     if args.workers:
-        with open(args.workers) as f:
-            workers = json.load(f)
-        out += ["", "## CPU: the fused loop with and without its worker threads", "", meta_line(workers), "",
-                "`serial / workers` above 1 means the worker threads are faster (median of per-round ratios); "
-                "`moemix uses workers` is what the rules in `moemix.layers.expert_workers` decide for balanced "
-                "routing.", ""] + workers_table(workers)
+        workers = load_json(args.workers)
+        out += section("CPU: the fused loop with and without its worker threads", workers,
+                       "`serial / workers` above 1 means the worker threads are faster (median of per-round ratios); "
+                       "`moemix uses workers` is what the rules in `moemix.layers.expert_workers` decide for balanced "
+                       "routing.", workers_table(workers))
     if args.row_buffers:
-        with open(args.row_buffers) as f:
-            rows = json.load(f)
-        out += ["", "## CPU: recycled expert-buffer rows against fresh ones", "", meta_line(rows), "",
-                "`fresh` is the same layer with every op on the expert-buffer rows allocating its tensors anew "
-                "each step; `fresh / recycled` above 1 means recycling is faster (median of per-round ratios). "
-                "Page faults are minor faults per timed step (`getrusage`).", ""] + row_buffers_table(rows)
+        rows = load_json(args.row_buffers)
+        out += section("CPU: recycled temporaries of the buffer layouts against fresh ones", rows,
+                       "`fresh` is the same layer with every op on the expert buffer allocating its tensors anew "
+                       "each step (no `RecycledPool`); `fresh / recycled` above 1 means recycling is faster (median "
+                       "of per-round ratios). Page faults are minor faults per timed step (`getrusage`).",
+                       row_buffers_table(rows))
     if args.cuda:
-        with open(args.cuda) as f:
-            cuda = json.load(f)
-        out += ["", "## CUDA", "", meta_line(cuda), ""] + table(cuda)
+        cuda = load_json(args.cuda)
+        out += section("CUDA", cuda, None, table(cuda))
     print("\n".join(out))
 
 
