@@ -133,8 +133,8 @@ def gated_activation(h: Tensor, act: nn.Module, pool: Optional[RecycledPool] = N
     writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
     zero-padded slice gradients that are then added); it supports one backward (no double backward).
     ``pool`` (:class:`~moemix.layers.recycled_buffers.RecycledPool`) recycles the memory of ``act(gate)``,
-    the output and the gradient across steps. Any other activation (with parameters, random, or custom) goes through
-    plain autograd.
+    the output and the gradient across steps. Any other activation (with parameters, random, or custom)
+    goes through plain autograd.
     """
     if h.shape[-1] % 2:
         raise ValueError(f"h must have an even last dimension (gate then up), got {h.shape[-1]}")

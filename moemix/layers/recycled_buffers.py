@@ -29,7 +29,34 @@ __all__ = ["RecycledBuffer", "RecycledPool", "take_or_empty"]
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-class RecycledBuffer:
+def _recyclable(device) -> bool:
+    """CPU, and a torch that can tell whether anything else refers to a storage."""
+    return torch.device(device).type == "cpu" and _storage_use_count is not None
+
+
+def _is_free(storage: torch.UntypedStorage) -> bool:
+    return _storage_use_count(storage._cdata) == 1  # only the buffer itself holds it
+
+
+def _new_storage(nbytes: int, headroom: float) -> torch.UntypedStorage:
+    return torch.empty(int(nbytes * headroom), dtype=torch.uint8).untyped_storage()
+
+
+def _tensor_on(storage: torch.UntypedStorage, shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class _StartsEmptyWhenCopied:
+    """``copy``/``pickle`` give an empty instance: recycled memory is never shared or serialised."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class RecycledBuffer(_StartsEmptyWhenCopied):
     """One recyclable buffer. Not copied by ``copy``/``pickle`` (a copy starts empty)."""
 
     def __init__(self) -> None:
@@ -43,25 +70,18 @@ class RecycledBuffer:
     def take_shape(self, shape, dtype: torch.dtype, device: torch.device, headroom: float = 1.0) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape``; a new buffer gets ``headroom`` times the bytes
         (> 1 for sizes that change from call to call, such as per-step activations)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if torch.device(device).type != "cpu" or _storage_use_count is None:
+        if not _recyclable(device):
             self._storage = None
             return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             storage = self._storage
-            if storage is None or storage.nbytes() < nbytes or _storage_use_count(storage._cdata) != 1:
-                storage = torch.empty(int(nbytes * headroom), dtype=torch.uint8).untyped_storage()
-                self._storage = storage
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+            if storage is None or storage.nbytes() < nbytes or not _is_free(storage):
+                storage = self._storage = _new_storage(nbytes, headroom)
+            return _tensor_on(storage, shape, dtype)
 
 
-class RecycledPool:
+class RecycledPool(_StartsEmptyWhenCopied):
     """Recyclable buffers for the temporaries of one layer's step (CPU): the expert-buffer rows, GEMM
     outputs and input gradients of the padded and sorted layouts.
 
@@ -78,20 +98,20 @@ class RecycledPool:
 
     def take_shape(self, shape, dtype: torch.dtype, device: torch.device, headroom: float = 1.0) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape`` from a free buffer of the pool (CPU)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if torch.device(device).type != "cpu" or _storage_use_count is None:
+        if not _recyclable(device):
             return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
-            free = [s for s in self._storages if _storage_use_count(s._cdata) == 1]
+            free = [s for s in self._storages if _is_free(s)]
             fitting = [s for s in free if s.nbytes() >= nbytes]
             if fitting:
                 storage = min(fitting, key=lambda s: s.nbytes())
             else:
                 if free:  # all too small: the largest makes way
                     self._storages.remove(max(free, key=lambda s: s.nbytes()))
-                storage = torch.empty(int(nbytes * headroom), dtype=torch.uint8).untyped_storage()
+                storage = _new_storage(nbytes, headroom)
                 self._storages.append(storage)
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            return _tensor_on(storage, shape, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -101,19 +121,12 @@ class RecycledPool:
     def __len__(self) -> int:
         return len(self._storages)
 
-    def __getstate__(self) -> dict:
-        return {}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-
-def take_or_empty(buffer: Optional[Union[RecycledBuffer, RecycledPool]], like: torch.Tensor, shape=None,
-                  headroom: float = 1.0) -> torch.Tensor:
+def take_or_empty(buffer: Optional[Union[RecycledBuffer, RecycledPool]], like: torch.Tensor,
+                  shape=None) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape`` (default ``like``'s shape) with ``like``'s dtype and
     device: from ``buffer`` (a :class:`RecycledBuffer` or :class:`RecycledPool`), or fresh when it is None."""
     shape = like.shape if shape is None else shape
     if buffer is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buffer.take_shape(shape, like.dtype, like.device, headroom)
-
+    return buffer.take_shape(shape, like.dtype, like.device)
