@@ -11,7 +11,9 @@ no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, r
   layer always does; only ``output.sum()`` is back-propagated. ``--layouts`` adds the same layer with
   one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``) and
   ``moemix:loop_serial``, the fused loop with its CPU worker threads off, and ``moemix:loop_workers``,
-  the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`).
+  the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`),
+  and ``moemix:loop_blas``, the fused loop with its CPU products in ``torch.mm`` where the default
+  picks oneDNN (:mod:`moemix.layers.cpu_gemm`).
 * ``hf_loop``: the HF-transformers Mixtral loop (transformers 4.x ``MixtralSparseMoeBlock``, written
   here): one ``nn.Linear`` triple per expert, ``torch.where(expert_mask[e])``, gather, expert MLP,
   ``index_add_``. This is the baseline of the issue's targets (``vs_hf_loop``).
@@ -56,8 +58,9 @@ import os
 import platform
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, ContextManager, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,7 @@ from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_pea
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
 from moemix.layers import expert_workers  # noqa: E402
+from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, set_cpu_gemm  # noqa: E402
 from moemix.layers.expert_workers import set_expert_workers  # noqa: E402
 
 D = 512
@@ -93,6 +97,8 @@ ROUTINGS = ("balanced", "skewed")
 MAIN_VARIANTS = ("moemix", "hf_loop", "gshard", "dense_active")
 SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worker threads turned off
 WORKERS_LOOP = "loop_workers"  # --layouts name: the fused loop on worker threads whatever the size rules say
+BLAS_LOOP = "loop_blas"  # --layouts name: the fused loop with its CPU products in torch.mm (moemix.layers.cpu_gemm)
+LOOP_VARIANTS = (SERIAL_LOOP, WORKERS_LOOP, BLAS_LOOP)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +243,7 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     if name.startswith("moemix:"):  # the same layer with one dispatch strategy forced
         layout = name.split(":", 1)[1]
         forced = SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k,
-                           dispatch_layout="loop" if layout in (SERIAL_LOOP, WORKERS_LOOP) else layout)
+                           dispatch_layout="loop" if layout in LOOP_VARIANTS else layout)
         forced.load_state_dict(moe.state_dict())
         return forced
     if name == "hf_loop":
@@ -304,26 +310,53 @@ def make_step(name: str, module: nn.Module, x: torch.Tensor) -> Callable[[], Non
         x.grad = None
         forward_of(name, module, x).sum().backward()
 
-    if name == f"moemix:{SERIAL_LOOP}":
-        def serial_step():  # the fused loop without its CPU worker threads
-            set_expert_workers(False)
-            try:
-                step()
-            finally:
-                set_expert_workers(True)
+    setting = _variant_setting(name)
+    if setting is None:
+        return step
 
-        return serial_step
-    if name == f"moemix:{WORKERS_LOOP}":
-        def workers_step():  # the size rules lifted: workers whenever there are 2 threads and 2 hit experts
-            rules = expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS
-            expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = 0, math.inf
-            try:
-                step()
-            finally:
-                expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = rules
+    def step_in_setting():
+        with setting():
+            step()
 
-        return workers_step
-    return step
+    return step_in_setting
+
+
+@contextmanager
+def _workers_off() -> Iterator[None]:
+    """The fused loop without its CPU worker threads."""
+    set_expert_workers(False)
+    try:
+        yield
+    finally:
+        set_expert_workers(True)
+
+
+@contextmanager
+def _workers_forced() -> Iterator[None]:
+    """The size rules lifted: workers whenever there are 2 threads and 2 hit experts."""
+    rules = expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS
+    expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = 0, math.inf
+    try:
+        yield
+    finally:
+        expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = rules
+
+
+@contextmanager
+def _blas_gemms() -> Iterator[None]:
+    """The fused loop's CPU products in torch.mm whatever the machine."""
+    before = cpu_gemm_setting()
+    set_cpu_gemm("blas")
+    try:
+        yield
+    finally:
+        set_cpu_gemm(before)
+
+
+def _variant_setting(name: str) -> Optional[Callable[[], ContextManager]]:
+    """The process-wide setting a forced-loop variant runs under (None: the defaults)."""
+    return {f"moemix:{SERIAL_LOOP}": _workers_off, f"moemix:{WORKERS_LOOP}": _workers_forced,
+            f"moemix:{BLAS_LOOP}": _blas_gemms}.get(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +451,7 @@ def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Opt
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "mkldnn::_linear_pointwise")
 
 
 def profile_case(cfg: Config, routing: str, args, device, names=("moemix", "hf_loop", "dense_active")) -> None:
@@ -539,7 +572,8 @@ def main(argv=None):
     p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
                    f"e.g. loop,sorted,padded (the data behind the 'auto' rule); {SERIAL_LOOP} is the fused loop "
                    f"without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads whatever "
-                   "their size rules say (the data behind those rules)")
+                   f"their size rules say (the data behind those rules), {BLAS_LOOP} the fused loop with its "
+                   "CPU products in torch.mm instead of oneDNN (moemix.layers.cpu_gemm)")
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
                         "applies to every variant in the process)")
@@ -587,6 +621,8 @@ def main(argv=None):
                               "gshard": {"capacity_factor": args.capacity_factor, "group_size": args.group_size}}}
     if torch.device(device).type == "cuda":
         results["meta"]["gpu"] = torch.cuda.get_device_name()
+    else:  # the library the fused loop's fp32 products run in by default on this machine
+        results["meta"]["cpu_gemm"] = cpu_gemm(torch.empty(1))
     try:
         import transformers
         results["meta"]["transformers"] = transformers.__version__

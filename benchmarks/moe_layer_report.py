@@ -1,8 +1,8 @@
 """Write docs/results/moe_layer.md from the JSON files of benchmarks/moe_layer.py.
 
-    python benchmarks/moe_layer.py --layouts loop,loop_serial,sorted,padded --json default.json
-    python benchmarks/moe_layer.py --layouts loop,loop_serial,sorted,padded --allocator reuse --no-memory \
-        --json reuse.json
+    python benchmarks/moe_layer.py --layouts loop,loop_serial,loop_blas,sorted,padded --json default.json
+    python benchmarks/moe_layer.py --layouts loop,loop_serial,loop_blas,sorted,padded --allocator reuse \
+        --no-memory --json reuse.json
     python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
         --json workers.json
     python benchmarks/row_buffers.py --json row_buffers.json
@@ -25,7 +25,8 @@ TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
 }
 COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop",
-           "moemix:loop_serial", "moemix:loop_workers", "moemix:sorted", "moemix:padded", "megablocks"]
+           "moemix:loop_serial", "moemix:loop_workers", "moemix:loop_blas", "moemix:sorted", "moemix:padded",
+           "megablocks"]
 
 
 def fmt(v):
@@ -63,17 +64,34 @@ def memory_table(results: dict) -> list:
     return lines
 
 
+def paired_ratio(timings: dict, numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator``'s time over ``denominator``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(timings[numerator]["samples_ms"], timings[denominator]["samples_ms"],
+                                                   strict=True))
+
+
 def workers_table(results: dict) -> list:
     """The fused loop with its worker threads forced on and off, with the paired ratio (data behind the rules)."""
     lines = ["| case | moemix:loop_serial ms | moemix:loop_workers ms | serial / workers (paired) | moemix uses workers |",
              "|---|---|---|---|---|"]
     for k in (k for k in results if k != "meta"):
         t = results[k]["timing_detail"]
-        serial, workers = t["moemix:loop_serial"], t["moemix:loop_workers"]
-        ratio = statistics.median(a / b for a, b in zip(serial["samples_ms"], workers["samples_ms"], strict=True))
+        ratio = paired_ratio(t, "moemix:loop_serial", "moemix:loop_workers")
         cfg = results[k]["config"]
         uses = workers_pay_off(cfg["T"] * cfg["k"] / cfg["E"], cfg["D"] * 2 * cfg["H"])  # SwiGLU: gate and up
-        lines.append(f"| {k} | {fmt(serial['ms'])} | {fmt(workers['ms'])} | {ratio:.3f} | {'yes' if uses else 'no'} |")
+        lines.append(f"| {k} | {fmt(t['moemix:loop_serial']['ms'])} | {fmt(t['moemix:loop_workers']['ms'])} | "
+                     f"{ratio:.3f} | {'yes' if uses else 'no'} |")
+    return lines
+
+
+def gemm_library_table(results: dict) -> list:
+    """The fused loop with its products in the default library against torch.mm (``moemix:loop_blas``)."""
+    lines = ["| case | moemix:loop ms | moemix:loop_blas ms | blas / default (paired) |", "|---|---|---|---|"]
+    for k in (k for k in results if k != "meta"):
+        t = results[k]["timing_detail"]
+        if "moemix:loop" in t and "moemix:loop_blas" in t:
+            lines.append(f"| {k} | {fmt(t['moemix:loop']['ms'])} | {fmt(t['moemix:loop_blas']['ms'])} | "
+                         f"{paired_ratio(t, 'moemix:loop_blas', 'moemix:loop'):.3f} |")
     return lines
 
 
@@ -143,6 +161,12 @@ def main():
     out += ["## CPU, default glibc allocator", "", meta_line(default), ""] + table(default)
     out += ["", "Peak memory of one step beyond what was resident before it (fresh process per variant, "
             "balanced routing):", ""] + memory_table(default)
+    if any("moemix:loop_blas" in default[k]["timing_detail"] for k in default if k != "meta"):
+        out += section("CPU: the fused loop's GEMM library", default,
+                       f"The default run above; this machine's default library for the fused loop's fp32 products is "
+                       f"`{default['meta'].get('cpu_gemm', '?')}` (`moemix.layers.cpu_gemm`). `blas / default` above 1 "
+                       "means the default is faster than `torch.mm` (median of per-round ratios).",
+                       gemm_library_table(default))
     if args.reuse_json:
         reuse = load_json(args.reuse_json)
         out += section("CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", reuse,

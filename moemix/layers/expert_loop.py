@@ -26,14 +26,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from moemix.layers.activations import activation_backward, activation_forward, apply_activation, gated_activation_grad
+from moemix.layers.cpu_gemm import cpu_gemm, matmul
 from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
 from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
 
 __all__ = ["fused_expert_mlp", "fused_loop_supports"]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
 
 
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: Optional[torch.Tensor],
@@ -101,6 +98,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         saved: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(counts)
         slots = _SavedSlots(workspace, counts, (x.shape[1], w1.shape[-1], hidden), x) if keep else None
         act_forward = activation_forward(act)
+        library = cpu_gemm(x)
 
         def run(group: List[int]) -> torch.Tensor:
             out = x.new_zeros(x.shape[0], w2.shape[-1])
@@ -108,17 +106,17 @@ class _FusedExpertMLP(torch.autograd.Function):
                 if slots is not None:  # written straight into the recycled buffer they are saved in
                     x_e, h_e, act_out = slots.views(e)
                     torch.index_select(x, 0, tokens[e], out=x_e)
-                    torch.addmm(b1s[e], x_e, w1s[e], out=h_e) if b1 is not None else torch.mm(x_e, w1s[e], out=h_e)
+                    matmul(x_e, w1s[e], _at(b1s, e), out=h_e, library=library)
                     act_forward(h_e[:, :hidden] if glu else h_e, act_out)
                 else:
                     x_e = x.index_select(0, tokens[e])
-                    h_e = _linear(x_e, w1s[e], _at(b1s, e))
+                    h_e = matmul(x_e, w1s[e], _at(b1s, e), library=library)
                     act_out = apply_activation(act, h_e[:, :hidden] if glu else h_e)
                 a_e = act_out * h_e[:, hidden:] if glu else act_out
                 if b2 is None:  # fold the router weight into a_e (a copy when it is the saved act_out)
-                    y_e = torch.mm(a_e.mul_(row_weights[e]) if glu else a_e * row_weights[e], w2s[e])
+                    y_e = matmul(a_e.mul_(row_weights[e]) if glu else a_e * row_weights[e], w2s[e], library=library)
                 else:
-                    y_e = torch.addmm(b2s[e], a_e, w2s[e]).mul_(row_weights[e])
+                    y_e = matmul(a_e, w2s[e], b2s[e], library=library).mul_(row_weights[e])
                 out.index_add_(0, tokens[e], y_e)
                 if keep:
                     saved[e] = (x_e, h_e, act_out)
@@ -150,6 +148,7 @@ class _FusedExpertMLP(torch.autograd.Function):
     def _backward(ctx, grad_out, saved, x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted):
         need_x, need_weights, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
         act_backward, glu, hidden, counts = ctx.act_backward, ctx.glu, w2.shape[1], ctx.counts
+        library = cpu_gemm(grad_out)
         kept = sum(counts)
         tokens = tokens_sorted[:kept].split(counts)
         row_weights = weights_sorted[:kept].split(counts)
@@ -175,7 +174,7 @@ class _FusedExpertMLP(torch.autograd.Function):
                 saved[e] = None  # this expert's activations are no longer needed
                 t_e, w_e = tokens[e], row_weights[e]
                 g_e = grad_out.index_select(0, t_e)
-                u_e = torch.mm(g_e, w2s[e].t())  # gradient of (expert output . g) w.r.t. the activation
+                u_e = matmul(g_e, w2s[e].t(), library=library)  # gradient of (expert output . g) w.r.t. the activation
                 a_e = act_out * h_e[:, hidden:] if glu else act_out
                 if need_weights:
                     dots = torch.sum(a_e * u_e, dim=-1, out=dots_sorted[e])
@@ -193,7 +192,7 @@ class _FusedExpertMLP(torch.autograd.Function):
                     grad_h = act_backward(u_e, h_e, act_out)
                 _weight_grad(x_e, grad_h, _at(gw1s, e), _at(gb1s, e))
                 if need_x:
-                    grad_x.index_add_(0, t_e, torch.mm(grad_h, w1s[e].t()))
+                    grad_x.index_add_(0, t_e, matmul(grad_h, w1s[e].t(), library=library))
             return grad_x
 
         parts = run_expert_groups(run, ctx.groups)

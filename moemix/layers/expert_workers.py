@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 
+from moemix.layers.cpu_gemm import python_modes_active
+
 __all__ = ["expert_groups", "plan_expert_groups", "workers_pay_off", "run_expert_groups", "set_expert_workers",
            "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_EXPERT_MACS", "WORKERS_MAX_IMBALANCE",
            "MAX_WORKERS"]
@@ -135,10 +137,7 @@ def _backend_supported() -> bool:
 
 def _thread_state_active() -> bool:
     """The autograd profiler or a Python dispatch / function mode is on: per-thread state workers lack."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (torch.autograd.profiler._is_profiler_enabled or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None)
+    return torch.autograd.profiler._is_profiler_enabled or python_modes_active()
 
 
 def _workers(threads: int) -> Optional[ThreadPoolExecutor]:

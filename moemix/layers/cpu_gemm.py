@@ -1,0 +1,114 @@
+"""The GEMM library of the fused expert loop on CPU: torch's default BLAS or oneDNN.
+
+torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels). torch also ships
+oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster on
+an AMD EPYC (Zen 4) with AVX-512: the layer's step at ``coarse`` (E=8, k=2, H=1024, T=4096) took about
+5% less time (``benchmarks/moe_layer.py --layouts loop,loop_blas``; table in
+``docs/results/moe_layer.md``). :func:`cpu_gemm` decides per call which library runs a product.
+
+``"auto"`` (the default) picks oneDNN only where it was measured to win: fp32 CPU tensors, an AMD CPU
+(``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels, oneDNN built in and
+enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch or
+function mode (``FlopCounterMode``, ...) and no ``torch.compile`` tracing active, as those only know
+the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned library; ARM; bf16/fp16;
+CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the ``MOEMIX_CPU_GEMM`` environment variable
+(``auto``, ``blas``, ``onednn``) overrides the choice process-wide; ``onednn`` still falls back to
+BLAS where oneDNN cannot run (not fp32 on CPU, not built in, disabled, a mode or tracing active).
+
+oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``, the fp32 linear that torch's own
+compiler (inductor) emits on CPU; it is not a documented torch API, so its absence also means BLAS.
+The two libraries sum in different orders: results agree to fp32 rounding, not bit for bit.
+The weight-gradient products (``x^T @ grad``) always use ``torch.mm`` writing into their buffers,
+where oneDNN gained nothing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["cpu_gemm", "set_cpu_gemm", "cpu_gemm_setting", "onednn_gemm_usable", "matmul", "CPU_GEMM_CHOICES"]
+
+CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
+ENV_VAR = "MOEMIX_CPU_GEMM"
+
+
+def _checked(choice: str, name: str) -> str:
+    if choice not in CPU_GEMM_CHOICES:
+        raise ValueError(f"{name} must be one of {CPU_GEMM_CHOICES}, got {choice!r}")
+    return choice
+
+
+_setting = _checked(os.environ.get(ENV_VAR, "auto").strip().lower(), ENV_VAR)
+
+
+def set_cpu_gemm(choice: str) -> None:
+    """Which library runs the fused loop's CPU products, process-wide: ``"auto"`` (measured rule, see
+    the module doc), ``"blas"`` (always ``torch.mm``) or ``"onednn"`` (wherever oneDNN can run)."""
+    global _setting
+    _setting = _checked(choice, "choice")
+
+
+def cpu_gemm_setting() -> str:
+    """The current process-wide setting (:func:`set_cpu_gemm`)."""
+    return _setting
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear() -> Optional[object]:
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    return op if op is not None and torch.backends.mkldnn.is_available() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_machine() -> bool:
+    """The machine kind oneDNN was measured faster on: AMD x86 with AVX-512 kernels."""
+    return _cpu_vendor() == "AuthenticAMD" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def python_modes_active() -> bool:
+    """A Python dispatch or function mode (``FlopCounterMode``, fake tensors, ...) is on in this thread."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None
+
+
+def onednn_gemm_usable(a: Tensor) -> bool:
+    """Whether oneDNN can run a product of ``a``'s kind here and now (whatever the setting)."""
+    return (a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_linear() is not None
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() and not python_modes_active())
+
+
+def cpu_gemm(a: Tensor) -> str:
+    """``"onednn"`` or ``"blas"``: the library that runs products of ``a``'s kind under the setting."""
+    if _setting == "blas" or not onednn_gemm_usable(a):
+        return "blas"
+    return "onednn" if _setting == "onednn" or _measured_machine() else "blas"
+
+
+def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
+           library: Optional[str] = None) -> Tensor:
+    """``a @ b (+ bias)`` for ``a [M, K]``, ``b [K, N]`` (any strides), ``bias [N]``, in the library
+    :func:`cpu_gemm` picks (or ``library``, from an earlier :func:`cpu_gemm` call on the same kind of
+    tensors). With ``out`` (``[M, N]``) the result is written there and returned."""
+    if (library or cpu_gemm(a)) == "onednn":
+        y = _onednn_linear()(a, b.t(), bias, "none", [], "")
+        return y if out is None else out.copy_(y)
+    if bias is None:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(bias, a, b, out=out)

@@ -1,0 +1,116 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moemix.layers import SparseMoE
+from moemix.layers import cpu_gemm as gemm
+from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, matmul, onednn_gemm_usable, set_cpu_gemm
+from tests.layers._reference import reference_moe
+
+ONEDNN = onednn_gemm_usable(torch.empty(1))
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN's fp32 linear")
+LIBRARIES = ["blas", pytest.param("onednn", marks=needs_onednn)]
+
+
+@pytest.fixture(autouse=True)
+def restore_setting():
+    before = cpu_gemm_setting()
+    yield
+    set_cpu_gemm(before)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_equals_torch_mm_for_strided_operands_bias_and_out(library, with_bias):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 24, generator=g)
+    b_t = torch.randn(40, 24, generator=g)  # b = b_t.t(): a column-major [24, 40] operand
+    bias = torch.randn(40, generator=g) if with_bias else None
+    expected = a.double() @ b_t.double().t() + (bias.double() if with_bias else 0)
+    torch.testing.assert_close(matmul(a, b_t.t(), bias, library=library).double(), expected, rtol=1e-5, atol=1e-5)
+    out = torch.full((37, 40), float("nan"))
+    result = matmul(a, b_t.t().contiguous(), bias, out=out, library=library)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("kw", [dict(glu=True, act_layer="silu", bias=False), dict(act_layer="gelu"),
+                                dict(glu=True, act_layer="relu", k=3)])
+def test_fused_loop_in_fp32_equals_the_reference_with_either_library(library, kw):
+    set_cpu_gemm(library)
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 48, num_experts=5, dispatch_layout="loop", **kw)
+    reference = SparseMoE(32, 48, num_experts=5, **kw).double()
+    reference.load_state_dict(moe.state_dict())
+    x = torch.randn(70, 32)
+    target = torch.randn(70, 32)
+    results = []
+    for module, inputs in ((moe, x), (reference, x.double())):
+        inputs = inputs.clone().requires_grad_(True)
+        out = module(inputs) if module is moe else reference_moe(module, inputs)
+        (out * target.to(out.dtype)).sum().backward()
+        results.append([out, inputs.grad] + [p.grad for p in module.parameters()])
+    assert cpu_gemm(x) == library
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_auto_follows_the_measured_machine_rule(monkeypatch):
+    x = torch.empty(3, 4)
+    set_cpu_gemm("auto")
+    monkeypatch.setattr(gemm, "_measured_machine", lambda: True)
+    assert cpu_gemm(x) == "onednn"
+    monkeypatch.setattr(gemm, "_measured_machine", lambda: False)
+    assert cpu_gemm(x) == "blas"
+    set_cpu_gemm("onednn")
+    assert cpu_gemm(x) == "onednn"
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own notice in mkldnn.flags
+def test_onednn_falls_back_to_blas_where_it_cannot_run():
+    set_cpu_gemm("onednn")
+    assert cpu_gemm(torch.empty(3, 4)) == "onednn"
+    assert cpu_gemm(torch.empty(3, 4, dtype=torch.bfloat16)) == "blas"
+    assert cpu_gemm(torch.empty(3, 4, dtype=torch.float64)) == "blas"
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert cpu_gemm(torch.empty(3, 4)) == "blas"
+    with FlopCounterMode(display=False):
+        assert cpu_gemm(torch.empty(3, 4)) == "blas"
+    set_cpu_gemm("blas")
+    assert cpu_gemm(torch.empty(3, 4)) == "blas"
+
+
+def test_flop_counter_sees_every_product_of_the_fused_loop():
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 48, num_experts=4, k=2, glu=True, bias=False, dispatch_layout="loop")
+    x = torch.randn(40, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        moe(x).sum().backward()
+    routed = 40 * 2
+    router = 2 * 40 * 32 * 4 * 3  # forward, input gradient, weight gradient
+    experts = 3 * 2 * routed * (32 * 96 + 48 * 32)  # two layers, each forward + two gradients
+    assert counter.get_total_flops() == router + experts
+
+
+def test_bad_choice_names_the_argument():
+    with pytest.raises(ValueError, match=r"choice must be one of \('auto', 'blas', 'onednn'\), got 'mkl'"):
+        set_cpu_gemm("mkl")
+
+
+@pytest.mark.parametrize("value, expected", [("blas", "blas"), ("ONEDNN", "onednn"), ("bogus", None)])
+def test_environment_variable_sets_the_choice(value, expected):
+    code = "from moemix.layers.cpu_gemm import cpu_gemm_setting; print(cpu_gemm_setting())"
+    env = dict(os.environ, MOEMIX_CPU_GEMM=value)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if expected is None:
+        assert run.returncode != 0 and "MOEMIX_CPU_GEMM must be one of" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == expected
