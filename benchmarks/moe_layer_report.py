@@ -158,7 +158,13 @@ def main():
            "time ratio within a round, so they need not equal the ratio of the ms columns. `moemix` is the default (`dispatch_layout=\"auto\"`); the "
            "`moemix:<strategy>` columns force one strategy and are the data behind the auto rule.", ""]
     default = load_json(args.default_json)
-    out += ["## CPU, default glibc allocator", "", meta_line(default), ""] + table(default)
+    out += ["## CPU, default glibc allocator", "", meta_line(default), ""]
+    if default["meta"].get("cpu_gemm") == "onednn":
+        out += ["On this machine the fused loop (`moemix:loop`, and `moemix` where it picks the loop) runs its "
+                "products through oneDNN, while the HF loop, GShard and the dense FFN use `torch.mm` (MKL): part "
+                "of the margin over them, and `vs_dense_active` below 1, is the GEMM library. `moemix:loop_blas` "
+                "is the same loop with `torch.mm`; the paired ratios are in the GEMM-library table below.", ""]
+    out += table(default)
     out += ["", "Peak memory of one step beyond what was resident before it (fresh process per variant, "
             "balanced routing):", ""] + memory_table(default)
     if any("moemix:loop_blas" in default[k]["timing_detail"] for k in default if k != "meta"):

@@ -2,9 +2,10 @@
 
 torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels). torch also ships
 oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster on
-an AMD EPYC (Zen 4) with AVX-512: the layer's step at ``coarse`` (E=8, k=2, H=1024, T=4096) took about
-5% less time (``benchmarks/moe_layer.py --layouts loop,loop_blas``; table in
-``docs/results/moe_layer.md``). :func:`cpu_gemm` decides per call which library runs a product.
+an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 5-7% longer at ``coarse`` and ``fine``
+(E=8 and 64, 1024 and 512 rows per expert; medians of four runs) and 8-12% longer with 32 rows per
+expert, and was level with 16 rows of a 512x512 expert (``benchmarks/moe_layer.py --layouts loop,loop_blas``; tables in
+``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library runs a product.
 
 ``"auto"`` (the default) picks oneDNN only where it was measured to win: fp32 CPU tensors, an AMD CPU
 (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels, oneDNN built in and
