@@ -84,14 +84,21 @@ def workers_table(results: dict) -> list:
     return lines
 
 
-def gemm_library_table(results: dict) -> list:
-    """The fused loop with its products in the default library against torch.mm (``moemix:loop_blas``)."""
-    lines = ["| case | moemix:loop ms | moemix:loop_blas ms | blas / default (paired) |", "|---|---|---|---|"]
-    for k in (k for k in results if k != "meta"):
-        t = results[k]["timing_detail"]
-        if "moemix:loop" in t and "moemix:loop_blas" in t:
-            lines.append(f"| {k} | {fmt(t['moemix:loop']['ms'])} | {fmt(t['moemix:loop_blas']['ms'])} | "
-                         f"{paired_ratio(t, 'moemix:loop_blas', 'moemix:loop'):.3f} |")
+def has_loop_blas(results: dict) -> bool:
+    return any("moemix:loop_blas" in results[k]["timing_detail"] for k in results if k != "meta")
+
+
+def gemm_library_table(named_runs: list) -> list:
+    """``moemix:loop_blas`` over ``moemix:loop`` (paired) in each ``(label, results)`` run, and the median."""
+    first = named_runs[0][1]
+    cases = [k for k in first if k != "meta" and "moemix:loop_blas" in first[k]["timing_detail"]]
+    lines = ["| case | moemix:loop ms | moemix:loop_blas ms | " + " | ".join(label for label, _ in named_runs)
+             + " | median |", "|---" * (len(named_runs) + 4) + "|"]
+    for k in cases:
+        t = first[k]["timing_detail"]
+        ratios = [paired_ratio(r[k]["timing_detail"], "moemix:loop_blas", "moemix:loop") for _, r in named_runs]
+        lines.append(f"| {k} | {fmt(t['moemix:loop']['ms'])} | {fmt(t['moemix:loop_blas']['ms'])} | "
+                     + " | ".join(f"{v:.3f}" for v in ratios) + f" | {statistics.median(ratios):.3f} |")
     return lines
 
 
@@ -161,28 +168,33 @@ def main():
     out += ["## CPU, default glibc allocator", "", meta_line(default), ""]
     if default["meta"].get("cpu_gemm") == "onednn":
         out += ["On this machine the fused loop (`moemix:loop`, and `moemix` where it picks the loop) runs its "
-                "products through oneDNN, while the HF loop, GShard and the dense FFN use `torch.mm` (MKL): part "
-                "of the margin over them, and `vs_dense_active` below 1, is the GEMM library. `moemix:loop_blas` "
+                "products through oneDNN, while the HF loop, GShard and the dense FFN use `torch.mm` (the "
+                "machine's BLAS): part of the margin over them is the GEMM library. `moemix:loop_blas` "
                 "is the same loop with `torch.mm`; the paired ratios are in the GEMM-library table below.", ""]
     out += table(default)
     out += ["", "Peak memory of one step beyond what was resident before it (fresh process per variant, "
             "balanced routing):", ""] + memory_table(default)
-    if any("moemix:loop_blas" in default[k]["timing_detail"] for k in default if k != "meta"):
-        out += section("CPU: the fused loop's GEMM library", default,
-                       f"The default run above; this machine's default library for the fused loop's fp32 products is "
-                       f"`{default['meta'].get('cpu_gemm', '?')}` (`moemix.layers.cpu_gemm`). `blas / default` above 1 "
-                       "means the default is faster than `torch.mm` (median of per-round ratios).",
-                       gemm_library_table(default))
-    if args.reuse_json:
-        reuse = load_json(args.reuse_json)
+    reuse = load_json(args.reuse_json) if args.reuse_json else None
+    runs = [load_json(path) for path in args.runs]
+    if reuse is not None:
         out += section("CPU, freed memory reused (`moemix.utils.reuse_freed_memory()`, every variant)", reuse,
                        None, table(reuse))
-    if args.runs:
-        runs = [load_json(path) for path in args.runs]
+    if runs:
         out += ["", "## CPU: `vs_hf_loop` across repeated runs", "",
                 "One process per run, run one after another:", ""]
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += runs_table(runs)
+    named = [(f"run {i + 1}", r) for i, r in enumerate(runs or [default])] + ([("reuse", reuse)] if reuse else [])
+    named = [(label, r) for label, r in named if has_loop_blas(r)]
+    if named:
+        out += ["", "## CPU: the fused loop's GEMM library", "",
+                f"This machine's default library for the fused loop's fp32 products is "
+                f"`{default['meta'].get('cpu_gemm', '?')}` (`moemix.layers.cpu_gemm`); `moemix:loop_blas` is the "
+                "same loop with `torch.mm`. Per run, `moemix:loop_blas` time over `moemix:loop` time (median of "
+                "per-round ratios; above 1 means the default is faster): the runs above (`run i`, default "
+                "allocator) and the freed-memory-reused run (`reuse`); times from the first. Single products: "
+                "`docs/results/cpu_gemm.md`.", ""]
+        out += gemm_library_table(named)
     if args.workers:
         workers = load_json(args.workers)
         out += section("CPU: the fused loop with and without its worker threads", workers,

@@ -4,8 +4,8 @@ torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels
 oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster
 on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 5-7% longer at ``coarse`` and
 ``fine`` (E=8 and 64, 1024 and 512 rows per expert; medians of four runs) and 8-12% longer with 32 rows
-per expert, and was level with 16 rows of a 512x512 expert (``benchmarks/moe_layer.py --layouts
-loop,loop_blas``; tables in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library
+per expert, and 0-2% longer with 16 rows of a 512x512 expert (``benchmarks/moe_layer.py --layouts
+loop,loop_blas``; GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library
 runs a product.
 
 ``"auto"`` (the default) picks oneDNN on the kind of machine it was measured on: fp32 CPU tensors, an
@@ -20,8 +20,8 @@ BLAS where oneDNN cannot run (not fp32 on CPU, not built in, disabled, a mode or
 oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``, the fp32 linear that torch's own
 compiler (inductor) emits on CPU; it is not a documented torch API, so its absence also means BLAS.
 The two libraries sum in different orders: results agree to fp32 rounding, not bit for bit.
-The weight-gradient products (``x^T @ grad``) always use ``torch.mm`` writing into their buffers,
-where oneDNN gained nothing.
+The weight-gradient products (``x^T @ grad``) always use ``torch.mm`` writing into their buffers:
+oneDNN's speed there was mixed (``benchmarks/cpu_gemm.py``, table in ``docs/results/cpu_gemm.md``).
 """
 from __future__ import annotations
 
@@ -84,10 +84,16 @@ def _measured_machine() -> bool:
 
 
 def python_modes_active() -> bool:
-    """A Python dispatch or function mode (``FlopCounterMode``, fake tensors, ...) is on in this thread."""
+    """A Python dispatch mode (``FlopCounterMode``, fake tensors, ...) or a torch function mode other than
+    a default device (``torch.set_default_device``, ``with torch.device(...)``) is on in this thread."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None
+    if _get_current_dispatch_mode() is not None:
+        return True
+    return torch._C._is_torch_function_mode_enabled() and any(
+        not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
 
 
 def onednn_gemm_usable(a: Tensor) -> bool:

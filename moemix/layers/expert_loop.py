@@ -103,7 +103,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         def run(group: List[int]) -> torch.Tensor:
             out = x.new_zeros(x.shape[0], w2.shape[-1])
             for e in group:
-                if slots is not None:  # written straight into the recycled buffer they are saved in
+                if slots is not None:  # kept in the recycled buffer (oneDNN's product is copied in: it has no out=)
                     x_e, h_e, act_out = slots.views(e)
                     torch.index_select(x, 0, tokens[e], out=x_e)
                     matmul(x_e, w1s[e], _at(b1s, e), out=h_e, library=library)

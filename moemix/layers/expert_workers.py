@@ -12,8 +12,9 @@ The workers are a process-wide pool per intra-op thread count, made on first use
 each worker's own thread count, which also changes the count torch hands to threads started later; the
 calling thread's count is put back right after, and the pool is checked (workers, and a thread started
 afterwards, see the intended counts) or not used. Workers are only used with torch's OpenMP backend and
-MKL (the configuration measured), not while the autograd profiler or a Python dispatch or function mode
-(``FlopCounterMode``, ...) is active, as those are per-thread state the workers would not see, and not
+MKL (the configuration measured), not while the autograd profiler, a Python dispatch mode or a torch
+function mode other than a default device (``FlopCounterMode``, ...) is active, as those are per-thread
+state the workers would not see (the loop allocates on its inputs' device explicitly), and not
 after :func:`set_expert_workers` ``(False)``. Results equal the serial loop's up to the order in which
 the groups' partial sums are added, which depends only on the counts and the thread count.
 """
@@ -37,9 +38,9 @@ R = TypeVar("R")
 
 # Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop_serial,loop_workers; table in
 # docs/results/moe_layer.md, and shapes between its configurations): with 256 or more rows per expert the
-# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 3-8% faster)
-# and gained nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512 x 2048,
-# 3-5% slower with the products in MKL; 3-4% faster in one run with them in oneDNN, not acted on yet);
+# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, about 5% faster)
+# and gained little or nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512
+# x 2048; 3-5% slower with the products in MKL, 3-4% faster with them in oneDNN);
 # with 32 rows per expert (`small_coarse`) the workers took 1.2x the serial time.
 WORKERS_MIN_MEAN_ROWS = 256
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert

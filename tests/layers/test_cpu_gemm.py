@@ -1,3 +1,4 @@
+import copy
 import os
 import subprocess
 import sys
@@ -8,7 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moemix.layers import SparseMoE
 from moemix.layers import cpu_gemm as gemm
+from moemix.layers import expert_workers as workers
 from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, matmul, onednn_gemm_usable, set_cpu_gemm
+from moemix.layers.expert_workers import plan_expert_groups
 from tests.layers._reference import reference_moe
 
 ONEDNN = onednn_gemm_usable(torch.empty(1))
@@ -33,31 +36,89 @@ def test_matmul_equals_torch_mm_for_strided_operands_bias_and_out(library, with_
     expected = a.double() @ b_t.double().t() + (bias.double() if with_bias else 0)
     torch.testing.assert_close(matmul(a, b_t.t(), bias, library=library).double(), expected, rtol=1e-5, atol=1e-5)
     out = torch.full((37, 40), float("nan"))
-    result = matmul(a, b_t.t().contiguous(), bias, out=out, library=library)
+    result = matmul(a, b_t.t(), bias, out=out, library=library)
     assert result.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul(a, b_t.t().contiguous(), library=library).double(), expected - (
+        bias.double() if with_bias else 0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("kw", [dict(glu=True, act_layer="silu", bias=False), dict(act_layer="gelu"),
-                                dict(glu=True, act_layer="relu", k=3)])
-def test_fused_loop_in_fp32_equals_the_reference_with_either_library(library, kw):
-    set_cpu_gemm(library)
-    torch.manual_seed(0)
-    moe = SparseMoE(32, 48, num_experts=5, dispatch_layout="loop", **kw)
-    reference = SparseMoE(32, 48, num_experts=5, **kw).double()
-    reference.load_state_dict(moe.state_dict())
-    x = torch.randn(70, 32)
-    target = torch.randn(70, 32)
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the products oneDNN runs (the op ``matmul`` calls), without changing them."""
+    calls = []
+    op = gemm._onednn_linear()
+    if op is not None:
+        def counting(*args):
+            calls.append(args[0].shape)
+            return op(*args)
+
+        monkeypatch.setattr(gemm, "_onednn_linear", lambda: counting)
+    return calls
+
+
+def _fp32_against_fp64_reference(moe, x):
+    """The fp32 layer's output and gradients, and those of the fp64 reference loop with the same weights."""
+    reference = copy.deepcopy(moe).double()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     results = []
     for module, inputs in ((moe, x), (reference, x.double())):
         inputs = inputs.clone().requires_grad_(True)
         out = module(inputs) if module is moe else reference_moe(module, inputs)
         (out * target.to(out.dtype)).sum().backward()
         results.append([out, inputs.grad] + [p.grad for p in module.parameters()])
-    assert cpu_gemm(x) == library
-    for got, want in zip(*results):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    return results
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("kw", [dict(glu=True, act_layer="silu", bias=False), dict(act_layer="gelu"),
+                                dict(glu=True, act_layer="relu", k=3)])
+def test_fused_loop_in_fp32_equals_the_reference_with_either_library(library, kw, onednn_calls):
+    set_cpu_gemm(library)
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 48, num_experts=5, dispatch_layout="loop", **kw)
+    got, want = _fp32_against_fp64_reference(moe, torch.randn(70, 32))
+    hit = int((moe.tokens_per_expert > 0).sum())
+    assert len(onednn_calls) == (4 * hit if library == "onednn" else 0)  # 2 layers + 2 input gradients
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_on_the_worker_threads_equals_the_reference(onednn_calls, monkeypatch):
+    set_cpu_gemm("onednn")
+    monkeypatch.setattr(workers, "WORKERS_MIN_MEAN_ROWS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        moe = SparseMoE(32, 48, num_experts=4, glu=True, bias=False, dispatch_layout="loop")
+        x = torch.randn(200, 32)
+        moe(x)
+        counts = moe.tokens_per_expert.tolist()
+        assert len(plan_expert_groups(torch.device("cpu"), counts, 32 * 96)) == 2  # workers really used
+        onednn_calls.clear()
+        got, want = _fp32_against_fp64_reference(moe, x)
+    finally:
+        torch.set_num_threads(before)
+    assert len(onednn_calls) == 16
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_inference_and_default_device_still_use_onednn(onednn_calls):
+    set_cpu_gemm("onednn")
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 48, num_experts=4, glu=True, dispatch_layout="loop")
+    x = torch.randn(30, 32)
+    with torch.no_grad():
+        out = moe(x)
+    torch.testing.assert_close(out.double(), reference_moe(copy.deepcopy(moe).double(), x.double()),
+                               rtol=1e-4, atol=1e-5)
+    assert len(onednn_calls) == 2 * int((moe.tokens_per_expert > 0).sum())
+    with torch.device("cpu"):
+        assert cpu_gemm(x) == "onednn"
 
 
 @needs_onednn
@@ -87,7 +148,9 @@ def test_onednn_falls_back_to_blas_where_it_cannot_run():
     assert cpu_gemm(torch.empty(3, 4)) == "blas"
 
 
+@needs_onednn
 def test_flop_counter_sees_every_product_of_the_fused_loop():
+    set_cpu_gemm("onednn")  # the mode must send the products to torch.mm, where it counts them
     torch.manual_seed(0)
     moe = SparseMoE(32, 48, num_experts=4, k=2, glu=True, bias=False, dispatch_layout="loop")
     x = torch.randn(40, 32, requires_grad=True)
