@@ -91,10 +91,9 @@ def main() -> None:
         rows = cfg.T * cfg.k // cfg.E
         g = torch.Generator().manual_seed(0)
         case = results[name] = {}
-        pairs = {product: ((a, b), product_pair(a, b)) for product, (a, b) in loop_products(rows, cfg.H, g).items()}
-        for product, ((a, b), pair) in pairs.items():
+        for product, (a, b) in loop_products(rows, cfg.H, g).items():
             entry = case[product] = {"shape": f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]}",
-                                     **measure(pair, args.repeats)}
+                                     **measure(product_pair(a, b), args.repeats)}
             lines.append(row(name, product, entry))
         if name in SMALL:
             entry = case["padded layer 1: bmm vs per expert"] = {

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 
-from moemix.layers.expert_workers import workers_pay_off
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import paired_ratio  # noqa: E402
+
+from moemix.layers.expert_workers import workers_pay_off  # noqa: E402
 
 TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum)
     "coarse": (1.0, 1.10), "fine": (1.25, 1.35), "small_coarse": (1.2, None), "small_fine": (1.5, None),
@@ -64,19 +69,13 @@ def memory_table(results: dict) -> list:
     return lines
 
 
-def paired_ratio(timings: dict, numerator: str, denominator: str) -> float:
-    """Median over rounds of ``numerator``'s time over ``denominator``'s in the same round."""
-    return statistics.median(a / b for a, b in zip(timings[numerator]["samples_ms"], timings[denominator]["samples_ms"],
-                                                   strict=True))
-
-
 def workers_table(results: dict) -> list:
     """The fused loop with its worker threads forced on and off, with the paired ratio (data behind the rules)."""
     lines = ["| case | moemix:loop_serial ms | moemix:loop_workers ms | serial / workers (paired) | moemix uses workers |",
              "|---|---|---|---|---|"]
     for k in (k for k in results if k != "meta"):
         t = results[k]["timing_detail"]
-        ratio = paired_ratio(t, "moemix:loop_serial", "moemix:loop_workers")
+        ratio = paired_ratio(t["moemix:loop_serial"], t["moemix:loop_workers"])
         cfg = results[k]["config"]
         uses = workers_pay_off(cfg["T"] * cfg["k"] / cfg["E"], cfg["D"] * 2 * cfg["H"])  # SwiGLU: gate and up
         lines.append(f"| {k} | {fmt(t['moemix:loop_serial']['ms'])} | {fmt(t['moemix:loop_workers']['ms'])} | "
@@ -96,7 +95,8 @@ def gemm_library_table(named_runs: list) -> list:
              + " | median |", "|---" * (len(named_runs) + 4) + "|"]
     for k in cases:
         t = first[k]["timing_detail"]
-        ratios = [paired_ratio(r[k]["timing_detail"], "moemix:loop_blas", "moemix:loop") for _, r in named_runs]
+        ratios = [paired_ratio(r[k]["timing_detail"]["moemix:loop_blas"], r[k]["timing_detail"]["moemix:loop"])
+                  for _, r in named_runs]
         lines.append(f"| {k} | {fmt(t['moemix:loop']['ms'])} | {fmt(t['moemix:loop_blas']['ms'])} | "
                      + " | ".join(f"{v:.3f}" for v in ratios) + f" | {statistics.median(ratios):.3f} |")
     return lines

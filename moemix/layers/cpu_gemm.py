@@ -5,14 +5,14 @@ oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused l
 on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 5-7% longer at ``coarse`` and
 ``fine`` (E=8 and 64, 1024 and 512 rows per expert; medians of four runs) and 8-12% longer with 32 rows
 per expert, and 0-2% longer with 16 rows of a 512x512 expert (``benchmarks/moe_layer.py --layouts
-loop,loop_blas``; GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library
-runs a product.
+loop,loop_blas``; GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which
+library runs a product.
 
 ``"auto"`` (the default) picks oneDNN on the kind of machine it was measured on: fp32 CPU tensors, an
 AMD CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels, oneDNN built in
-and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch or
-function mode (``FlopCounterMode``, ...) and no ``torch.compile`` tracing active, as those only know
-the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned library; ARM; bf16/fp16;
+and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch mode
+or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
+tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned library; ARM; bf16/fp16;
 CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the ``MOEMIX_CPU_GEMM`` environment variable
 (``auto``, ``blas``, ``onednn``) overrides the choice process-wide; ``onednn`` still falls back to
 BLAS where oneDNN cannot run (not fp32 on CPU, not built in, disabled, a mode or tracing active).
@@ -32,26 +32,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moemix.layers._validate import check_choice
+
 __all__ = ["cpu_gemm", "set_cpu_gemm", "cpu_gemm_setting", "onednn_gemm_usable", "matmul", "CPU_GEMM_CHOICES"]
 
 CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
 ENV_VAR = "MOEMIX_CPU_GEMM"
 
 
-def _checked(choice: str, name: str) -> str:
-    if choice not in CPU_GEMM_CHOICES:
-        raise ValueError(f"{name} must be one of {CPU_GEMM_CHOICES}, got {choice!r}")
-    return choice
-
-
-_setting = _checked(os.environ.get(ENV_VAR, "auto").strip().lower(), ENV_VAR)
+_setting = os.environ.get(ENV_VAR, "auto").strip().lower()
+check_choice(ENV_VAR, _setting, CPU_GEMM_CHOICES)
 
 
 def set_cpu_gemm(choice: str) -> None:
     """Which library runs the fused loop's CPU products, process-wide: ``"auto"`` (measured rule, see
     the module doc), ``"blas"`` (always ``torch.mm``) or ``"onednn"`` (wherever oneDNN can run)."""
     global _setting
-    _setting = _checked(choice, "choice")
+    check_choice("choice", choice, CPU_GEMM_CHOICES)
+    _setting = choice
 
 
 def cpu_gemm_setting() -> str:
