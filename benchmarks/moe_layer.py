@@ -1,10 +1,12 @@
 """Forward+backward speed of one MoE layer: moemix SparseMoE against the usual alternatives.
 
     python benchmarks/moe_layer.py [--quick] [--threads 2] [--json FILE] [--device cpu|cuda]
+                                   [--dtype float32|bfloat16]
     python benchmarks/moe_layer.py --profile fine,small_coarse   # where one step's time goes
 
 Variants (all compute the same function family: SwiGLU experts ``w2(silu(x w_gate) * (x w_up))``,
-no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, renormalised):
+no biases, D=512, float32 unless ``--dtype`` says otherwise; the router is a bias-free linear gate, softmax,
+top-k, renormalised):
 
 * ``moemix``: ``SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k)`` with its
   default auxiliary losses (Switch load-balance + router z-loss) computed in the forward pass as the
@@ -28,15 +30,20 @@ no biases, D=512, fp32; the router is a bias-free linear gate, softmax, top-k, r
   dropped; einsum in, batched expert GEMMs over ``[E, G*C, D]``, einsum out.
 * ``dense_active``: a SwiGLU FFN with hidden ``k * H`` (the active FLOPs of one token), no router:
   the practical limit.
-* ``megablocks``: megablocks ``dMoE`` (grouped GLU) when ``--device cuda`` and ``import megablocks``
-  works (timing only, its own weights).
+* ``megablocks``: megablocks ``dMoE`` (grouped GLU, moemix's weights) with ``--device cuda --dtype bfloat16``
+  when megablocks imports (``benchmarks/_megablocks.py``; its grouped GEMMs take bfloat16 only).
 
 Routing: ``balanced`` = router as initialised and standard-normal tokens; ``skewed`` = the gate rows
 of a few "hot" experts (``k`` of them, at least 2) get ``4 * u`` added for a fixed unit vector ``u``, so
 the tokens with a positive component along ``u`` (about half) send most of their ``k`` choices to the
 hot experts. The same router weights are copied into every routed variant, and before timing the
-script checks that moemix, ``hf_loop`` and the transformers block give the same output to 1e-4 (and
-GShard too when its capacity is made large enough to drop nothing); it aborts otherwise.
+script checks, in float32, that moemix, ``hf_loop`` and the transformers block give the same output to
+1e-4 (and GShard too when its capacity is made large enough to drop nothing); it aborts otherwise.
+With ``--dtype bfloat16`` the variants are then cast (parameters and input) and timed in bfloat16;
+megablocks, bfloat16 only, is checked there: its router's scores against moemix's to 1e-2 and its
+experts, fed moemix's routing decision, against moemix's output to 3e-2 of the output's largest
+magnitude (see ``check_megablocks``); if it fails, megablocks is left out and the JSON's ``skipped``
+says why.
 
 Timing: every step is ``zero grads (set to None, untimed); y = layer(x); y.sum().backward()`` with
 ``x.requires_grad`` (a layer inside a network), variants interleaved round-robin with the order rotated
@@ -70,6 +77,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_peak_rss,  # noqa: E402
                      rss_bytes, sync)
 
+from _megablocks import MEGABLOCKS_DTYPE, check_megablocks, make_megablocks, megablocks_importable  # noqa: E402
+
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
 from moemix.layers import expert_workers  # noqa: E402
 from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, set_cpu_gemm  # noqa: E402
@@ -99,6 +108,8 @@ SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worke
 WORKERS_LOOP = "loop_workers"  # --layouts name: the fused loop on worker threads whatever the size rules say
 BLAS_LOOP = "loop_blas"  # --layouts name: the fused loop with its CPU products in torch.mm (moemix.layers.cpu_gemm)
 LOOP_VARIANTS = (SERIAL_LOOP, WORKERS_LOOP, BLAS_LOOP)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MEGABLOCKS_TOLERANCE = {"router_probs": 1e-2, "experts_rel": 3e-2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,9 +241,9 @@ def hot_experts(cfg: Config) -> int:
     return max(cfg.k, 2)
 
 
-def make_inputs(cfg: Config, seed: int, device) -> torch.Tensor:
+def make_inputs(cfg: Config, seed: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 2)
-    return torch.randn(cfg.T, D, generator=g).to(device).requires_grad_(True)
+    return torch.randn(cfg.T, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
 
 
 def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Module]:
@@ -270,29 +281,10 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     if name == "hf_block_eager":
         return make_hf_block(cfg, "eager", moe)
     if name == "megablocks":
-        return make_megablocks(cfg)
+        if DTYPES[args.dtype] != MEGABLOCKS_DTYPE:
+            raise ValueError("its grouped GEMMs take bfloat16 only (run with --dtype bfloat16)")
+        return make_megablocks(moe, args.device) if megablocks_importable() else None
     raise ValueError(name)
-
-
-class _MegablocksWrapper(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        out = self.layer(x.unsqueeze(1))  # megablocks takes [S, B, D]
-        out = out[0] if isinstance(out, tuple) else out
-        return out.squeeze(1)
-
-
-def make_megablocks(cfg: Config):
-    """megablocks dMoE with SwiGLU experts (CUDA only; untested here, skipped on any error)."""
-    from megablocks.layers.arguments import Arguments
-    from megablocks.layers.dmoe import dMoE
-    margs = Arguments(hidden_size=D, ffn_hidden_size=cfg.H, moe_num_experts=cfg.E, moe_top_k=cfg.k,
-                      mlp_type="glu", mlp_impl="grouped", activation=F.silu, bias=False,
-                      device=torch.device("cuda"))
-    return _MegablocksWrapper(dMoE(margs))
 
 
 def forward_of(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -401,8 +393,9 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
     module = make_variant(name, cfg, moe, args)
     if module is None:
         return None
-    module = module.to(device)
-    x = make_inputs(cfg, args.seed, device)
+    dtype = DTYPES[args.dtype]
+    module = module.to(device=device, dtype=dtype)
+    x = make_inputs(cfg, args.seed, device, dtype)
     step = make_step(name, module, x)
     if name != "moemix":
         del moe
@@ -437,7 +430,7 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
 def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Optional[int]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-worker", f"{cfg.name},{routing},{name}",
-           "--layouts", args.layouts,
+           "--layouts", args.layouts, "--dtype", args.dtype,
            "--threads", str(args.threads), "--seed", str(args.seed), "--group-size", str(args.group_size),
            "--capacity-factor", str(args.capacity_factor)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -459,9 +452,10 @@ def profile_case(cfg: Config, routing: str, args, device, names=("moemix", "hf_l
     from torch.profiler import profile
 
     moe = make_moemix(cfg, routing, args.seed)
-    x = make_inputs(cfg, args.seed, device)
+    dtype = DTYPES[args.dtype]
+    x = make_inputs(cfg, args.seed, device, dtype)
     for name in names:
-        step = make_step(name, make_variant(name, cfg, moe, args).to(device), x)
+        step = make_step(name, make_variant(name, cfg, moe, args).to(device=device, dtype=dtype), x)
         for _ in range(2):
             step()
         sync(device)
@@ -485,12 +479,19 @@ def variants_for(args, device) -> list:
         if args.hf_eager:
             names.append("hf_block_eager")
     if torch.device(device).type == "cuda":
-        try:
-            import megablocks  # noqa: F401
-            names.append("megablocks")
-        except Exception:  # noqa: BLE001
-            pass
+        names.append("megablocks")
     return names
+
+
+def megablocks_problem(module: nn.Module, moe: SparseMoE, x: torch.Tensor, diffs: Dict[str, float]) -> Optional[str]:
+    """Check megablocks against moemix (adding to ``diffs``); why it cannot be timed, or None."""
+    try:
+        found = check_megablocks(module, moe, x)
+    except Exception as exc:  # noqa: BLE001 - an optional peer; the run goes on without it
+        return f"check failed: {type(exc).__name__}: {exc}"[:200]
+    diffs.update({f"megablocks {part}": v for part, v in found.items()})
+    bad = {part: v for part, v in found.items() if not v <= MEGABLOCKS_TOLERANCE[part]}
+    return f"differs from moemix beyond {MEGABLOCKS_TOLERANCE}: {bad}" if bad else None
 
 
 def routing_stats(moe: SparseMoE) -> Dict[str, float]:
@@ -522,6 +523,16 @@ def run_case(cfg: Config, routing: str, args, device, repeats: int, budget_s: fl
         modules[name] = m.to(device)
     x = make_inputs(cfg, args.seed, device)
     diffs = check_same_function(cfg, routing, moe, modules, x, args)
+    dtype = DTYPES[args.dtype]
+    if dtype != torch.float32:
+        for m in modules.values():
+            m.to(dtype)
+        x = make_inputs(cfg, args.seed, device, dtype)
+    if "megablocks" in modules:
+        problem = megablocks_problem(modules["megablocks"], moe, x, diffs)
+        if problem:
+            skipped["megablocks"] = problem
+            del modules["megablocks"]
     with torch.no_grad():
         moe(x)
     stats = routing_stats(moe)
@@ -560,6 +571,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="parameters and input of every variant (default float32; the correctness check runs "
+                        "in float32 first either way)")
     p.add_argument("--configs", default=",".join(c.name for c in CONFIGS), help="comma-separated subset")
     p.add_argument("--routings", default=",".join(ROUTINGS), help="balanced,skewed")
     p.add_argument("--repeats", type=int, default=None, help="override the timed rounds per case")
@@ -607,14 +621,14 @@ def main(argv=None):
 
     selected = [configs[n] for n in args.configs.split(",")]
     routings = args.routings.split(",")
-    header = (f"moemix MoE layer benchmark: fwd+bwd, D={D}, fp32, SwiGLU experts without bias, "
+    header = (f"moemix MoE layer benchmark: fwd+bwd, D={D}, {args.dtype}, SwiGLU experts without bias, "
               f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
               f"allocator={args.allocator}, "
               f"{'quick' if args.quick else 'full'} run")
     print(header, flush=True)
 
     results: dict = {"meta": {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                              "device": str(device), "threads": torch.get_num_threads(),
+                              "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                               "allocator": args.allocator,
                               "torch": torch.__version__, "python": platform.python_version(),
                               "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -664,8 +678,9 @@ def main(argv=None):
                 "gshard_dropped_fraction": case["gshard_dropped_frac"],
                 "skipped": case["skipped"],
             }
-            if "hf_block_grouped_mm" in ms:
-                entry["vs_hf_block_grouped_mm"] = paired_ratio(timings["hf_block_grouped_mm"], timings["moemix"])
+            for peer in ("hf_block_grouped_mm", "megablocks"):
+                if peer in ms:
+                    entry[f"vs_{peer}"] = paired_ratio(timings[peer], timings["moemix"])
             results[key] = entry
             rows.append((key, entry))
             print("   " + "  ".join(f"{n}={fmt_ms(v)}ms" for n, v in ms.items())

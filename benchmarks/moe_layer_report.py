@@ -6,8 +6,9 @@
     python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
         --json workers.json
     python benchmarks/row_buffers.py --json row_buffers.json
-    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json] [--workers workers.json] \
-        [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] > docs/results/moe_layer.md
+    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json cuda_bf16.json ...] \
+        [--workers workers.json] [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] \
+        > docs/results/moe_layer.md
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
 ``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import paired_ratio  # noqa: E402
@@ -38,23 +40,31 @@ def fmt(v):
     return "-" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
-def table(results: dict) -> list:
+def table(results: dict, targets: Optional[dict] = TARGETS) -> list:
+    """Times per variant, the ratios, and whether ``targets`` (the CPU targets by default; None: no column)
+    are met."""
     cases = [k for k in results if k != "meta"]
     cols = [c for c in COLUMNS if any(c in results[k]["ms"] for k in cases)]
-    lines = ["| case | " + " | ".join(f"{c} ms" for c in cols) + " | vs_hf_loop | vs_dense_active | target | load max/mean |",
-             "|---" * (len(cols) + 5) + "|"]
+    ratios = ["vs_hf_loop", "vs_dense_active"] + [f"vs_{c}" for c in ("megablocks",) if c in cols]
+    head = [f"{c} ms" for c in cols] + ratios + (["target"] if targets is not None else []) + ["load max/mean"]
+    lines = ["| case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in cases:
         e = results[k]
-        hf_min, dense_max = TARGETS.get(k, (None, None))
-        target = []
-        if hf_min is not None:
-            target.append(f"hf >= {hf_min} {'met' if e['vs_hf_loop'] >= hf_min else 'missed'}")
-        if dense_max is not None:
-            target.append(f"dense <= {dense_max} {'met' if e['vs_dense_active'] <= dense_max else 'missed'}")
-        lines.append(f"| {k} | " + " | ".join(fmt(e["ms"].get(c)) for c in cols)
-                     + f" | {e['vs_hf_loop']:.2f} | {e['vs_dense_active']:.2f} | {'; '.join(target) or '-'} | "
-                     f"{e['routing_stats']['max_over_mean_load']:.2f} |")
+        cells = [fmt(e["ms"].get(c)) for c in cols] + ["-" if e.get(r) is None else f"{e[r]:.2f}" for r in ratios]
+        if targets is not None:
+            cells.append(target_cell(e, *targets.get(k, (None, None))))
+        cells.append(f"{e['routing_stats']['max_over_mean_load']:.2f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
+
+
+def target_cell(entry: dict, hf_min: Optional[float], dense_max: Optional[float]) -> str:
+    target = []
+    if hf_min is not None:
+        target.append(f"hf >= {hf_min} {'met' if entry['vs_hf_loop'] >= hf_min else 'missed'}")
+    if dense_max is not None:
+        target.append(f"dense <= {dense_max} {'met' if entry['vs_dense_active'] <= dense_max else 'missed'}")
+    return "; ".join(target) or "-"
 
 
 def memory_table(results: dict) -> list:
@@ -133,7 +143,8 @@ def runs_table(runs: list) -> list:
 
 def meta_line(results: dict) -> str:
     m = results["meta"]
-    return (f"`{m['command']}`: torch {m['torch']}, transformers {m.get('transformers', '-')}, {m['device']}"
+    return (f"`{m['command']}`: torch {m['torch']}, transformers {m.get('transformers', '-')}, "
+            f"{m.get('dtype', 'float32')}, {m['device']}"
             f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['threads']} threads, allocator {m.get('allocator', 'default')}")
 
 
@@ -151,15 +162,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("default_json")
     p.add_argument("reuse_json", nargs="?")
-    p.add_argument("--cuda", default=None)
+    p.add_argument("--cuda", nargs="*", default=[], help="CUDA runs (e.g. float32 and bfloat16), a section each")
     p.add_argument("--workers", default=None, help="a --layouts loop_serial,loop_workers run")
     p.add_argument("--row-buffers", default=None, help="a benchmarks/row_buffers.py run")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
            "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
-           "docstring for the commands). Forward + backward of one layer, D=512, fp32, SwiGLU experts without "
-           "bias, medians of interleaved repeats; `vs_hf_loop` = HF time / moemix time (higher is better), "
+           "docstring for the commands). Forward + backward of one layer, D=512, float32 unless a section says "
+           "otherwise, SwiGLU experts without bias, medians of interleaved repeats; `vs_hf_loop` = HF time / moemix time (higher is better), "
            "`vs_dense_active` = moemix time / time of a dense SwiGLU FFN with hidden k*H (the same active "
            "FLOPs; 1.0 is the practical limit); both ratios are medians over rounds of the two variants' "
            "time ratio within a round, so they need not equal the ratio of the ms columns. `moemix` is the default (`dispatch_layout=\"auto\"`); the "
@@ -208,9 +219,12 @@ def main():
                        "each step (no `RecycledPool`); `fresh / recycled` above 1 means recycling is faster (median "
                        "of per-round ratios). Page faults are minor faults per timed step (`getrusage`).",
                        row_buffers_table(rows))
-    if args.cuda:
-        cuda = load_json(args.cuda)
-        out += section("CUDA", cuda, None, table(cuda))
+    for path in args.cuda:
+        cuda = load_json(path)
+        intro = "The targets above are for 2 CPU cores; none is set for CUDA."
+        if any("megablocks" in cuda[k]["ms"] for k in cuda if k != "meta"):
+            intro += " `vs_megablocks` is megablocks time / moemix time (higher is better)."
+        out += section(f"CUDA, {cuda['meta'].get('dtype', 'float32')}", cuda, intro, table(cuda, targets=None))
     print("\n".join(out))
 
 

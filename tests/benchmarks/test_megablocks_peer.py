@@ -1,0 +1,61 @@
+"""The megablocks peer of benchmarks/moe_layer.py: moemix's weights in megablocks' layout compute moemix's
+function (checked with megablocks' forward written out in torch, since megablocks itself needs CUDA),
+and the benchmark's bfloat16 mode runs end to end."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from moemix.layers import SparseMoE
+from tests.benchmarks.test_row_buffers_script import ROOT, _run
+
+
+def _load_peer():
+    spec = importlib.util.spec_from_file_location("_megablocks", os.path.join(ROOT, "benchmarks", "_megablocks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("num_experts,k", [(4, 1), (8, 2), (16, 4)])
+def test_megablocks_layout_computes_moemix_function(num_experts, k):
+    peer = _load_peer()
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 24, act_layer="silu", glu=True, bias=False, num_experts=num_experts, k=k).double()
+    x = torch.randn(200, 32, dtype=torch.float64)
+    weights = peer.megablocks_weights(moe)
+    assert {n: tuple(w.shape) for n, w in weights.items()} == {
+        "router": (num_experts, 32), "w1": (num_experts * 24, 32), "v1": (num_experts * 24, 32),
+        "w2": (num_experts * 24, 32)}
+    with torch.no_grad():
+        torch.testing.assert_close(peer.reference_forward(weights, x, k), moe(x))
+
+
+def test_megablocks_layout_keeps_gate_and_up_apart():
+    peer = _load_peer()
+    torch.manual_seed(1)
+    moe = SparseMoE(16, 8, act_layer="silu", glu=True, bias=False, num_experts=4, k=2).double()
+    x = torch.randn(50, 16, dtype=torch.float64)
+    weights = peer.megablocks_weights(moe)
+    swapped = dict(weights, w1=weights["v1"], v1=weights["w1"])
+    with torch.no_grad():
+        assert (peer.reference_forward(swapped, x, 2) - moe(x)).abs().max() > 1e-3
+
+
+def test_bfloat16_run_records_its_dtype_and_the_report_titles_cuda_sections_by_dtype(tmp_path):
+    out = tmp_path / "bf16.json"
+    _run("benchmarks/moe_layer.py", "--quick", "--configs", "small_coarse", "--routings", "balanced",
+         "--repeats", "2", "--threads", "1", "--no-memory", "--dtype", "bfloat16", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert results["meta"]["dtype"] == "bfloat16"
+    case = results["small_coarse"]
+    assert set(case["ms"]) >= {"moemix", "hf_loop", "gshard", "dense_active"}
+    assert "megablocks" not in case["ms"]  # CUDA only
+    assert case["check_max_abs_diff"]["hf_loop"] <= 1e-4  # checked in float32 before the cast
+    report = _run("benchmarks/moe_layer_report.py", "docs/results/moe_layer_cpu.json", "--cuda", str(out)).stdout
+    section = report.split("## CUDA, bfloat16")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| case"))
+    assert "bfloat16, cpu" in section and "| small_coarse |" in section
+    assert "target" not in header  # the CPU targets are not applied to these sections
