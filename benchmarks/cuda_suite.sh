@@ -17,7 +17,8 @@
 #     curl -sO $base/1a/90/d255544a8da444fdfab7287850316d2c7961003586a35d3042787982e66c/grouped_gemm-0.3.0.tar.gz
 #     curl -sO $base/f6/ae/eeb2c3bd17fa94ed36530d53a8c06acf2f75a14f8f12aa701f6cf2504203/stanford_stk-0.7.1.tar.gz
 # Without SDIST_DIR the bfloat16 run uses whatever megablocks is importable, if any (the benchmark
-# notes why it was skipped). The build runs while the tests do, and is waited for before timing.
+# notes why it was skipped). The build runs while the tests do, and is waited for before timing; it is
+# given BUILD_TIMEOUT seconds (300), after which the bfloat16 run goes on without megablocks.
 #
 # Files in OUT_DIR: tests.log, build.log, cuda_float32.json, cuda_bfloat16.json (benchmark JSON),
 # bench_float32.log, bench_bfloat16.log, summary.txt. The exit status is that of the last failing step.
@@ -40,7 +41,7 @@ build_pid=""
 if [ -n "$SDIST_DIR" ]; then
     PEERS_SITE=$(mktemp -d)
     arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    nvcc_path=$(command -v nvcc || true)
+    nvcc_path=$(readlink -f "$(command -v nvcc)" 2>/dev/null || true)
     (
         export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
         [ -n "${CUDA_HOME:-}" ] || [ -z "$nvcc_path" ] || export CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")
@@ -58,8 +59,8 @@ def patch(pattern, old, new):
 patch("megablocks-*/csrc/cumsum.h", r",\s*debug_synchronous\)\)", "))")
 patch("grouped_gemm-*/setup.py", r'"-std=c\+\+17"', '"-std=c++20"')
 PATCH
-        time "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
-            --target "$PEERS_SITE" "$src"/stanford_stk-* "$src"/grouped_gemm-* "$src"/megablocks-*
+        time timeout "${BUILD_TIMEOUT:-300}" "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index \
+            --no-cache-dir --target "$PEERS_SITE" "$src"/stanford_stk-* "$src"/grouped_gemm-* "$src"/megablocks-*
     ) > "$OUT_DIR/build.log" 2>&1 &
     build_pid=$!
 fi

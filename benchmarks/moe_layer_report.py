@@ -58,6 +58,16 @@ def table(results: dict, targets: Optional[dict] = TARGETS) -> list:
     return lines
 
 
+def skipped_notes(results: dict) -> list:
+    """One line per variant that was left out of some cases, with the cases and the reason given."""
+    reasons: dict = {}
+    for k in (k for k in results if k != "meta"):
+        for name, why in (results[k].get("skipped") or {}).items():
+            reasons.setdefault((name, why), []).append(k)
+    return [""] + [f"- `{name}` not timed in {', '.join(cases)}: {why}" for (name, why), cases in reasons.items()] \
+        if reasons else []
+
+
 def target_cell(entry: dict, hf_min: Optional[float], dense_max: Optional[float]) -> str:
     target = []
     if hf_min is not None:
@@ -224,7 +234,8 @@ def main():
         intro = "The targets above are for 2 CPU cores; none is set for CUDA."
         if any("megablocks" in cuda[k]["ms"] for k in cuda if k != "meta"):
             intro += " `vs_megablocks` is megablocks time / moemix time (higher is better)."
-        out += section(f"CUDA, {cuda['meta'].get('dtype', 'float32')}", cuda, intro, table(cuda, targets=None))
+        out += section(f"CUDA, {cuda['meta'].get('dtype', 'float32')}", cuda, intro,
+                       table(cuda, targets=None) + skipped_notes(cuda))
     print("\n".join(out))
 
 

@@ -11,6 +11,10 @@ def test_loop_blas_variant_is_timed_and_the_report_renders_the_gemm_library_tabl
          "--layouts", "loop,loop_blas", "--repeats", "2", "--threads", "1", "--no-memory", "--json", str(out))
     results = json.loads(out.read_text())
     assert results["meta"]["cpu_gemm"] in ("onednn", "blas")
+    entry = results["small_coarse"]
+    assert set(entry["ms"]) >= {"moemix", "hf_loop", "gshard", "dense_active", "moemix:loop", "moemix:loop_blas"}
+    assert entry["vs_hf_loop"] > 0 and entry["vs_dense_active"] > 0
+    assert set(entry["param_dtypes"].values()) == {"float32"}
     timings = results["small_coarse"]["timing_detail"]
     assert len(timings["moemix:loop_blas"]["samples_ms"]) == len(timings["moemix:loop"]["samples_ms"]) >= 2
     report = _run("benchmarks/moe_layer_report.py", str(out)).stdout
