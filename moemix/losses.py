@@ -90,12 +90,16 @@ def router_entropy(probs: torch.Tensor) -> torch.Tensor:
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of ``module.aux_loss`` over every submodule that stored one in its last forward.
 
-    Returns a float32 scalar (zero when no layer stored a loss) on the model's device.
+    Returns a float32 scalar (zero when no layer stored a loss) on the model's device. Each stored tensor
+    counts once, also where a wrapper hands out its inner module's attributes (``torch.compile``'s
+    ``OptimizedModule`` answers ``aux_loss`` with the compiled layer's).
     """
     total = None
+    seen = set()
     for module in model.modules():
         loss = getattr(module, "aux_loss", None)
-        if isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor) and id(loss) not in seen:
+            seen.add(id(loss))
             total = loss.float() if total is None else total + loss.float()
     if total is None:
         param = next(model.parameters(), None)

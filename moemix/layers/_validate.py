@@ -1,7 +1,7 @@
 """Argument checks shared by the layers: each raises ``ValueError`` naming the argument."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import torch
 
@@ -19,6 +19,15 @@ def check_nonnegative(name: str, value) -> None:
 def check_probability(name: str, value) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def as_pair(name: str, value) -> Tuple:
+    """``timm``'s ``to_2tuple`` with a check: a scalar ``v`` -> ``(v, v)``; a pair is kept; else ValueError."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a single value or a pair (first layer, second layer), got {value!r}")
+        return tuple(value)
+    return value, value
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:

@@ -111,12 +111,16 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     num_tokens, k = indices.shape
     device = indices.device
     flat = indices.reshape(-1)
+    out_of_range = ((flat < 0) | (flat >= num_experts)).sum().view(1)
     if kept is not None:
         flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts))
     # Float keys: CPU integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
     order = torch.sort(flat.float() if num_experts < 2 ** 24 else flat, stable=True).indices
-    bins = torch.bincount(flat, minlength=num_experts + 1)
-    all_counts = bins.tolist()  # the one host sync: buffer sizes are needed on the host
+    bins = torch.bincount(flat.clamp(0, num_experts), minlength=num_experts + 1)
+    all_counts = torch.cat([bins, out_of_range]).tolist()  # the one host sync: buffer sizes are needed on the host
+    if all_counts[-1]:
+        raise ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {all_counts[-1]} "
+                         "outside that range")
     counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
     tokens_per_expert = bins[:num_experts]
     n = flat.numel()

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Type, Union
+from typing import Callable, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-from moemix.layers._validate import check_positive_int, check_probability
+from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
@@ -30,9 +30,11 @@ class GroupedExperts(nn.Module):
         hidden_features: hidden width per expert ``H``.
         out_features: output width. Defaults to ``in_features``.
         act_layer: activation module type or name (``"gelu"``, ``"silu"``, ...). Defaults to GELU.
-        bias: learn per-expert biases. Defaults to True.
+        bias: learn per-expert biases; a pair ``(first layer, second layer)`` sets them apart, as in
+            timm's ``Mlp``. Defaults to True.
         glu: gated linear unit form. Defaults to False.
-        drop: dropout after the activation and after the second layer (timm ``Mlp``). Defaults to 0.
+        drop: dropout after the activation and after the second layer; a pair sets them apart (timm
+            ``Mlp``). Defaults to 0.
 
     Shapes:
         ``forward(x [R, D], counts, capacity=None) -> [R, out]`` on an expert buffer: rows sorted by
@@ -48,18 +50,21 @@ class GroupedExperts(nn.Module):
         out_features: Optional[int] = None,
         *,
         act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
-        bias: bool = True,
+        bias: Union[bool, Tuple[bool, bool]] = True,
         glu: bool = False,
-        drop: float = 0.0,
+        drop: Union[float, Tuple[float, float]] = 0.0,
         device=None,
         dtype=None,
     ):
         super().__init__()
-        out_features = out_features or in_features
+        out_features = in_features if out_features is None else out_features
         for name, value in (("num_experts", num_experts), ("in_features", in_features),
                             ("hidden_features", hidden_features), ("out_features", out_features)):
             check_positive_int(name, value)
-        check_probability("drop", drop)
+        bias1, bias2 = as_pair("bias", bias)
+        drop1, drop2 = as_pair("drop", drop)
+        check_probability("drop", drop1)
+        check_probability("drop", drop2)
         self.num_experts = num_experts
         self.in_features = in_features
         self.hidden_features = hidden_features
@@ -68,12 +73,12 @@ class GroupedExperts(nn.Module):
         dd = {"device": device, "dtype": dtype}
         fc1_out = 2 * hidden_features if glu else hidden_features
         self.w1 = nn.Parameter(torch.empty(num_experts, in_features, fc1_out, **dd))
-        self.b1 = nn.Parameter(torch.empty(num_experts, fc1_out, **dd)) if bias else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, fc1_out, **dd)) if bias1 else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **dd))
-        self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias2 else None
         self.act = get_act_layer(act_layer)()
-        self.drop1 = nn.Dropout(drop)
-        self.drop2 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop1)
+        self.drop2 = nn.Dropout(drop2)
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
         self._workspace = RecycledBuffer()  # recycled activations the fused loop keeps for the backward (CPU)
         self._row_pool = RecycledPool()  # recycled temporaries of the padded and sorted layouts (CPU)
@@ -99,17 +104,26 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"hidden_features={self.hidden_features}, out_features={self.out_features}, glu={self.glu}, "
-                f"bias={self.b1 is not None}")
+                f"bias={(self.b1 is not None, self.b2 is not None)}")
 
     @torch.no_grad()
     def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, experts: Optional[List[int]] = None,
                    fc1_up: Optional[nn.Linear] = None) -> None:
-        """Copy a dense FFN (``nn.Linear`` fc1, fc2; for GLU also ``fc1_up``) into the given experts."""
+        """Copy a dense FFN (``nn.Linear`` fc1, fc2; for GLU also ``fc1_up``) into the given experts.
+
+        For GLU experts ``fc1`` is the gate projection and ``fc1_up`` the up projection.
+        """
         experts = range(self.num_experts) if experts is None else experts
+        if self.glu and fc1_up is None:
+            raise ValueError("GLU experts need fc1_up (the up projection) besides fc1 (the gate projection)")
+        if not self.glu and fc1_up is not None:
+            raise ValueError("fc1_up is only for GLU experts (glu=True)")
+        d, h, out = self.in_features, self.hidden_features, self.out_features
+        for name, layer, shape in (("fc1", fc1, (h, d)), ("fc1_up", fc1_up, (h, d)), ("fc2", fc2, (out, h))):
+            if layer is not None and tuple(layer.weight.shape) != shape:
+                raise ValueError(f"{name}.weight must have shape {shape} (nn.Linear(in, out) stores [out, in]), "
+                                 f"got {tuple(layer.weight.shape)}")
         w1 = fc1.weight.t() if fc1_up is None else torch.cat([fc1.weight.t(), fc1_up.weight.t()], dim=-1)
-        if w1.shape != self.w1.shape[1:] or fc2.weight.t().shape != self.w2.shape[1:]:
-            raise ValueError(f"dense FFN shapes {tuple(w1.shape)}, {tuple(fc2.weight.t().shape)} do not match "
-                             f"expert shapes {tuple(self.w1.shape[1:])}, {tuple(self.w2.shape[1:])}")
         for e in experts:
             self.w1[e].copy_(w1)
             self.w2[e].copy_(fc2.weight.t())
@@ -127,13 +141,15 @@ class GroupedExperts(nn.Module):
         :func:`~moemix.layers.expert_loop.fused_loop_supports`), else dispatch into the expert buffer,
         :meth:`forward`, combine.
         """
-        if plan.layout == "loop" and fused_loop_supports(self.act) and not (self.training and self.drop1.p > 0):
+        dropout = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
+        if plan.layout == "loop" and fused_loop_supports(self.act) and not dropout:
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
         out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity)
         return combine_tokens(out_rows, weights, plan, self._row_pool)
 
     def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
+        check_last_dim(type(self).__name__, x, self.in_features)
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
         pool = self._row_pool

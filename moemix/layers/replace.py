@@ -14,11 +14,11 @@ __all__ = ["replace_mlp_with_moe"]
 
 
 def _dense_parts(mlp: nn.Module):
-    """Return (fc1, fc1_up or None, fc2, act module, dropout p) of a timm-style MLP, or raise."""
+    """Return (fc1, fc1_up or None, fc2, act module, (dropout p after act, after fc2)) of a timm-style MLP."""
     norm = getattr(mlp, "norm", None)
     if norm is not None and not isinstance(norm, nn.Identity):
         raise ValueError(f"{type(mlp).__name__} has a hidden norm layer, which SparseMoE experts do not support")
-    drop = getattr(getattr(mlp, "drop1", None), "p", 0.0)
+    drop = tuple(getattr(getattr(mlp, name, None), "p", 0.0) for name in ("drop1", "drop2"))
     if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1_g", "fc1_x", "fc2")):  # timm SwiGLU
         return mlp.fc1_g, mlp.fc1_x, mlp.fc2, mlp.act, drop
     if isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear):
@@ -97,8 +97,8 @@ def replace_mlp_with_moe(
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, attr)
         fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
-        kwargs = dict(act_layer=lambda act=act: copy.deepcopy(act), bias=fc1.bias is not None, drop=drop,
-                      glu=fc1_up is not None)
+        kwargs = dict(act_layer=lambda act=act: copy.deepcopy(act), bias=(fc1.bias is not None, fc2.bias is not None),
+                      drop=drop, glu=fc1_up is not None)
         kwargs.update(moe_kwargs)
         moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **kwargs,
                         device=fc1.weight.device, dtype=fc1.weight.dtype)

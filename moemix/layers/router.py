@@ -39,8 +39,9 @@ class RoutingDecision:
         weights: ``[T, k]`` combine weights of the chosen experts (zero where dropped).
         indices: ``[T, k]`` int64 expert ids, sorted by descending score per token.
         kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
-        num_dropped: number of dropped assignments (0 in dropless mode).
         capacity: tokens each expert may take, or None in dropless mode.
+        num_dropped: number of dropped assignments (0 in dropless mode); reading it waits for the
+            device (the layers take the count from the dispatch plan instead).
     """
 
     logits: torch.Tensor
@@ -48,8 +49,11 @@ class RoutingDecision:
     weights: torch.Tensor
     indices: torch.Tensor
     kept: Optional[torch.Tensor] = None
-    num_dropped: int = 0
     capacity: Optional[int] = None
+
+    @property
+    def num_dropped(self) -> int:
+        return 0 if self.kept is None else int((~self.kept).sum())
 
     @property
     def num_experts(self) -> int:
@@ -62,6 +66,12 @@ class RoutingDecision:
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """Tokens per expert under a capacity factor, as tutel/GShard: ``k * int(cf * ceil(T / E))``."""
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens!r}")
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("k", k)
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
     return k * int(capacity_factor * math.ceil(num_tokens / num_experts))
 
 
@@ -135,7 +145,7 @@ class TopKRouter(nn.Module):
         self.capacity_factor = capacity_factor
         dd = {"device": device, "dtype": dtype}
         if score == "cosine":
-            cosine_dim = cosine_dim or in_features
+            cosine_dim = in_features if cosine_dim is None else cosine_dim
             check_positive_int("cosine_dim", cosine_dim)
             self.proj = nn.Linear(in_features, cosine_dim, bias=False, **dd)
             self.weight = nn.Parameter(torch.empty(num_experts, cosine_dim, **dd))
@@ -197,7 +207,8 @@ class TopKRouter(nn.Module):
 def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:
     """Drop assignments beyond ``capacity`` per expert, first choices first (GShard priority).
 
-    Sets ``decision.kept``, zeroes the dropped weights and records ``num_dropped``. In place.
+    Sets ``decision.kept`` and ``decision.capacity`` and zeroes the dropped weights. In place, without
+    waiting for the device.
     """
     indices = decision.indices
     num_tokens, k = indices.shape
@@ -212,6 +223,5 @@ def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:
     kept = (position < capacity).view(k, num_tokens).t()
     decision.kept = kept
     decision.weights = decision.weights * kept
-    decision.num_dropped = int((~kept).sum())
     decision.capacity = capacity
     return decision

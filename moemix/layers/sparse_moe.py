@@ -1,7 +1,7 @@
 """SparseMoE: router + grouped experts + the shared dropless dispatch, a drop-in for ``timm.layers.Mlp``."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type, Union
+from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -40,8 +40,9 @@ class SparseMoE(nn.Module):
         out_features: output width. Defaults to ``in_features``.
         act_layer: activation type or name. Defaults to GELU.
         norm_layer: must be None (accepted for ``timm.layers.Mlp`` signature compatibility).
-        bias: expert biases. Defaults to True.
-        drop: dropout inside the experts. Defaults to 0.
+        bias: expert biases; a pair ``(first layer, second layer)`` as in timm's ``Mlp``. Defaults to True.
+        drop: dropout inside the experts (after the activation, after the second layer); a pair as in
+            timm's ``Mlp``. Defaults to 0.
         use_conv: must be False (``timm.layers.Mlp`` compatibility).
         num_experts: ``E``. Defaults to 8.
         k: experts per token. Defaults to 2.
@@ -55,7 +56,8 @@ class SparseMoE(nn.Module):
             returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
         shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
         dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"`` (see
-            :mod:`moemix.layers.dispatch`); the result is the same, only speed differs. Defaults to "auto".
+            :mod:`moemix.layers.dispatch`); the result is the same, only speed differs. ``"padded"`` cannot
+            hold dropped assignments, so it is refused with ``capacity_factor``. Defaults to "auto".
 
     Shapes:
         ``[..., in_features] -> [..., out_features]``.
@@ -75,8 +77,8 @@ class SparseMoE(nn.Module):
         out_features: Optional[int] = None,
         act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
         norm_layer: Optional[Type[nn.Module]] = None,
-        bias: bool = True,
-        drop: float = 0.0,
+        bias: Union[bool, Tuple[bool, bool]] = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
         use_conv: bool = False,
         *,
         num_experts: int = 8,
@@ -102,8 +104,9 @@ class SparseMoE(nn.Module):
             raise ValueError("norm_layer is not supported inside SparseMoE experts; pass norm_layer=None")
         if use_conv:
             raise ValueError("use_conv=True is not supported by SparseMoE; it works on [..., D] tokens")
-        hidden_features = hidden_features or in_features
-        out_features = out_features or in_features
+        hidden_features = in_features if hidden_features is None else hidden_features
+        out_features = in_features if out_features is None else out_features
+        shared_hidden_features = hidden_features if shared_hidden_features is None else shared_hidden_features
         check_positive_int("in_features", in_features)
         check_positive_int("hidden_features", hidden_features)
         check_positive_int("out_features", out_features)
@@ -112,6 +115,11 @@ class SparseMoE(nn.Module):
         check_nonnegative("aux_loss_coef", aux_loss_coef)
         check_nonnegative("z_loss_coef", z_loss_coef)
         check_choice("dispatch_layout", dispatch_layout, LAYOUTS)
+        if dispatch_layout == "padded" and capacity_factor is not None:
+            raise ValueError("dispatch_layout='padded' cannot hold the assignments a capacity_factor drops; "
+                             "use 'auto', 'loop' or 'sorted' with capacity_factor")
+        if shared_expert is not None:
+            check_positive_int("shared_hidden_features", shared_hidden_features)
         self.dispatch_layout = dispatch_layout
         dd = {"device": device, "dtype": dtype}
         self.in_features = in_features
@@ -123,7 +131,7 @@ class SparseMoE(nn.Module):
                                       bias=bias, glu=glu, drop=drop, **dd)
         self.shared_expert_type = shared_expert
         if shared_expert is not None:
-            self.shared_expert = GroupedExperts(1, in_features, shared_hidden_features or hidden_features,
+            self.shared_expert = GroupedExperts(1, in_features, shared_hidden_features,
                                                 out_features, act_layer=act_layer, bias=bias, glu=glu, drop=drop, **dd)
             self.shared_gate = nn.Linear(in_features, 1, bias=False, **dd) if shared_expert == "gated" else None
         else:

@@ -40,3 +40,14 @@ def test_importance_load_loss_is_sum_of_cv_squared():
 
 def test_entropy_of_uniform_router_is_log_e():
     assert math.isclose(router_entropy(torch.full((3, 8), 1 / 8)).item(), math.log(8), rel_tol=1e-6)
+
+
+def test_collect_aux_loss_counts_a_compiled_layer_once():
+    import torch
+    from moemix.layers import SparseMoE
+    from moemix.losses import collect_aux_loss
+
+    moe = SparseMoE(8, 16, num_experts=4)
+    compiled = torch.compile(moe, backend="eager")
+    compiled(torch.randn(6, 8))
+    torch.testing.assert_close(collect_aux_loss(compiled), moe.aux_loss)

@@ -69,6 +69,7 @@ def test_expert_capacity_formula():
     (dict(num_experts=4, noise="uniform"), "noise"),
     (dict(num_experts=4, capacity_factor=0.0), "capacity_factor"),
     (dict(num_experts=4, noise="jitter", noise_eps=1.5), "noise_eps"),
+    (dict(num_experts=4, score="cosine", cosine_dim=0), "cosine_dim"),
 ])
 def test_bad_router_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -83,6 +84,12 @@ def test_bad_router_arguments_name_the_argument(kwargs, name):
     (dict(in_features=8, shared_expert="foo"), "shared_expert"),
     (dict(in_features=8, drop=1.5), "drop"),
     (dict(in_features=8, act_layer="nope"), "act_layer"),
+    (dict(in_features=8, hidden_features=0), "hidden_features"),
+    (dict(in_features=8, out_features=0), "out_features"),
+    (dict(in_features=8, shared_expert="gated", shared_hidden_features=0), "shared_hidden_features"),
+    (dict(in_features=8, drop=(0.1, 0.2, 0.3)), "drop"),
+    (dict(in_features=8, bias=(True,)), "bias"),
+    (dict(in_features=8, capacity_factor=1.0, dispatch_layout="padded"), "dispatch_layout"),
 ])
 def test_bad_moe_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -93,3 +100,22 @@ def test_wrong_last_dimension_reports_expected_and_got():
     moe = SparseMoE(8, 16, num_experts=4)
     with pytest.raises(ValueError, match=r"\[\.\.\., 8\].*got last dimension 7"):
         moe(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("args, name", [
+    ((10, 0, 2, 1.0), "num_experts"),
+    ((10, 4, 0, 1.0), "k"),
+    ((10, 4, 2, 0.0), "capacity_factor"),
+    ((-1, 4, 2, 1.0), "num_tokens"),
+])
+def test_expert_capacity_rejects_bad_arguments(args, name):
+    with pytest.raises(ValueError, match=name):
+        expert_capacity(*args)
+
+
+def test_capacity_decision_counts_its_drops_on_demand():
+    router = TopKRouter(8, 4, k=2, capacity_factor=0.5)
+    d = router(torch.randn(40, 8))
+    assert d.capacity == expert_capacity(40, 4, 2, 0.5)
+    assert d.num_dropped == int((~d.kept).sum()) > 0
+    assert torch.equal(d.weights == 0, ~d.kept | (d.weights == 0))

@@ -139,7 +139,22 @@ def test_capacity_mode_drops_exactly_the_overflow():
     assert moe.tokens_per_expert.tolist() == [capacity, 0, 0, 0]
     assert moe.dropped_tokens == 30
     assert torch.all(out[capacity:] == 0) and torch.all(out[:capacity].abs().sum(-1) > 0)
-    torch.testing.assert_close(out, reference_moe(moe, x))
+    got = _output_and_grads(moe, x, with_aux=False)
+    ref = _output_and_grads(_ReferenceModule(moe), x, with_aux=False)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w)
+    assert torch.all(got[1][capacity:] == 0)  # dropped tokens get no gradient through the experts
+
+
+class _ReferenceModule(nn.Module):
+    """The straightforward loop over experts with ``moe``'s parameters (and its aux loss)."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        return reference_moe(self.moe, x)
 
 
 def test_capacity_priority_first_choices_before_second():
@@ -180,14 +195,27 @@ def test_bf16_autocast(kw):
     torch.testing.assert_close(y.float(), moe(x), atol=0.1, rtol=0.05)
 
 
-def test_torch_compile_matches_eager():
+def _output_and_grads(module, x, with_aux=True):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    (y.square().sum() + (collect_aux_loss(module) if with_aux else 0)).backward()
+    return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kw", [{}, {"capacity_factor": 1.0, "shared_expert": "gated", "glu": True,
+                                     "act_layer": "silu"}])
+def test_torch_compile_matches_eager(backend, kw):
     torch.manual_seed(0)
-    moe = SparseMoE(16, 32, num_experts=4)
-    x = torch.randn(12, 16)
-    compiled = torch.compile(moe, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), moe(x))
-    compiled(x).sum().backward()
-    assert moe.experts.w1.grad is not None
+    moe = SparseMoE(16, 32, num_experts=4, **kw).double()  # float64 experts; the router stays float32
+    x = torch.randn(12, 16, dtype=torch.float64)
+    compiled = torch.compile(moe, backend=backend)
+    got = _output_and_grads(compiled, x)
+    want = _output_and_grads(moe, x)
+    assert all(g is not None for g in got)
+    for g, w in zip(got, want):  # to float32 rounding: inductor fuses the float32 router differently
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_state_dict_round_trip():

@@ -1,0 +1,32 @@
+"""Bad input to the experts and the dispatch raises a ValueError that names what was expected."""
+import pytest
+import torch
+from torch import nn
+
+from moemix.layers import GroupedExperts, plan_dispatch
+
+
+def test_grouped_experts_wrong_last_dimension_reports_expected_and_got():
+    experts = GroupedExperts(2, 8, 16)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\].*got last dimension 7"):
+        experts(torch.randn(5, 7), counts=[2, 3])
+
+
+@pytest.mark.parametrize("bad", [4, 5, -1])
+def test_plan_dispatch_rejects_expert_ids_out_of_range(bad):
+    indices = torch.tensor([[0, 1], [2, bad], [3, 0]])
+    with pytest.raises(ValueError, match=r"num_experts=4"):
+        plan_dispatch(indices, 4)
+    with pytest.raises(ValueError, match=r"num_experts=4"):  # a kept id == E would pass for a dropped one
+        plan_dispatch(indices, 4, kept=torch.ones_like(indices, dtype=torch.bool))
+
+
+def test_load_dense_names_the_layer_that_does_not_fit():
+    experts = GroupedExperts(2, 8, 16)
+    with pytest.raises(ValueError, match=r"fc2\.weight must have shape \(8, 16\)"):
+        experts.load_dense(nn.Linear(8, 16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="fc1_up is only for GLU"):
+        experts.load_dense(nn.Linear(8, 16), nn.Linear(16, 8), fc1_up=nn.Linear(8, 16))
+    glu = GroupedExperts(2, 8, 16, glu=True)
+    with pytest.raises(ValueError, match="GLU experts need fc1_up"):
+        glu.load_dense(nn.Linear(8, 16), nn.Linear(16, 8))
