@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # moemix's GPU checks in one run: the CUDA tests, then benchmarks/moe_layer.py on CUDA in float32 and in
-# bfloat16, the latter with megablocks as a peer when it can be built. Logs and JSON go to OUT_DIR.
+# bfloat16, the latter with megablocks as a peer when it can be built, and benchmarks/grouped_mm.py in
+# both dtypes. Logs, JSON and tables go to OUT_DIR.
 #
 #     bash benchmarks/cuda_suite.sh OUT_DIR [SDIST_DIR]
 #
@@ -20,8 +21,9 @@
 # notes why it was skipped). The build runs while the tests do, and is waited for before timing; it is
 # given BUILD_TIMEOUT seconds (300), after which the bfloat16 run goes on without megablocks.
 #
-# Files in OUT_DIR: tests.log, build.log, cuda_float32.json, cuda_bfloat16.json (benchmark JSON),
-# bench_float32.log, bench_bfloat16.log, summary.txt. The exit status is that of the last failing step.
+# Files in OUT_DIR: summary.txt, tests.log, build.log; per dtype (float32, bfloat16) cuda_DTYPE.json and
+# bench_DTYPE.log (the layer benchmark), grouped_mm_DTYPE.json/.md/.log. The exit status is that of the
+# last failing step.
 set -uo pipefail
 OUT_DIR=${1:?usage: bash benchmarks/cuda_suite.sh OUT_DIR [SDIST_DIR]}
 SDIST_DIR=${2:-}
@@ -92,5 +94,12 @@ for dtype in float32 bfloat16; do
     say "benchmark $dtype: exit $rc"
     [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/bench_$dtype.log"; }
 done
-grep -h -A 12 '^| case' "$OUT_DIR"/bench_*.log
+for dtype in float32 bfloat16; do
+    "$PYTHON" benchmarks/grouped_mm.py --device cuda --dtype "$dtype" --json "$OUT_DIR/grouped_mm_$dtype.json" \
+        --markdown "$OUT_DIR/grouped_mm_$dtype.md" > "$OUT_DIR/grouped_mm_$dtype.log" 2>&1
+    rc=$?
+    say "grouped_mm $dtype: exit $rc"
+    [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/grouped_mm_$dtype.log"; }
+done
+grep -h -A 12 '^| case' "$OUT_DIR"/bench_*.log "$OUT_DIR"/grouped_mm_*.md
 exit "$status"
