@@ -32,10 +32,16 @@ def test_cosine_scores_are_bounded_by_temperature():
 
 
 def test_router_runs_in_float32_under_autocast():
-    router = TopKRouter(8, 4).bfloat16()
+    torch.manual_seed(0)
+    router = TopKRouter(64, 4)
+    x = torch.randn(50, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        d = router(torch.randn(3, 8, dtype=torch.bfloat16))
+        d = router(x)
+        bf16_logits = torch.nn.functional.linear(x, router.weight)  # what an autocast gate would compute
     assert d.logits.dtype == torch.float32 and d.weights.dtype == torch.float32
+    exact = x.double() @ router.weight.double().t()
+    assert (d.logits.double() - exact).abs().max() < 1e-5  # float32 accuracy, not bfloat16's
+    assert (bf16_logits.double() - exact).abs().max() > 1e-3  # (bfloat16 would be this far off)
 
 
 @pytest.mark.parametrize("noise", ["jitter", "gumbel", "normal"])
