@@ -23,15 +23,20 @@ def test_sparse_moe_matches_reference_for_any_shape(tokens, experts, data, lead,
         assert moe.dropped_tokens == 0
     ref = reference_moe(moe, x)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
-    if tokens == 0:
-        return
-    grads = torch.autograd.grad(y.square().sum(), [x, *moe.parameters()], allow_unused=True)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *moe.parameters()], allow_unused=True)
-    for got, want in zip(grads, ref_grads):  # None: the parameter took no part (e.g. every assignment dropped)
+    for got, want in zip(_grads(y, x, moe), _grads(ref, x, moe)):  # None: took no part in the output
         if got is None or want is None:
             assert (got is None or not got.any()) and (want is None or not want.any())
         else:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def _grads(out, x, moe):
+    """Gradients of ``sum(out^2)`` for ``x`` and every parameter (all None when nothing reaches ``out``:
+    no tokens, or every assignment dropped)."""
+    inputs = [x, *moe.parameters()]
+    if not out.requires_grad:
+        return [None] * len(inputs)
+    return torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
 
 
 @settings(max_examples=50, deadline=None)
