@@ -38,10 +38,10 @@ R = TypeVar("R")
 
 # Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop_serial,loop_workers; table in
 # docs/results/moe_layer.md, and shapes between its configurations): with 256 or more rows per expert the
-# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, about 5% faster)
+# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 1-5% faster)
 # and gained little or nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512
-# x 2048; 3-5% slower with the products in MKL, 3-4% faster with them in oneDNN);
-# with 32 rows per expert (`small_coarse`) the workers took 1.2x the serial time.
+# x 2048; 3-5% slower with the products in MKL, from level to 4% faster with them in oneDNN);
+# with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time.
 WORKERS_MIN_MEAN_ROWS = 256
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
 # A group with much more than its share of rows (one hot expert) would leave the other threads idle
