@@ -13,7 +13,6 @@ above 1 means oneDNN is faster (median of per-round ratios).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict
@@ -21,6 +20,7 @@ from typing import Callable, Dict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import CONFIGS, D  # noqa: E402
 
@@ -100,14 +100,8 @@ def main() -> None:
                 "shape": f"{cfg.E}x{rows}x{D} @ {cfg.E}x{D}x{2 * cfg.H}",
                 **measure(padded_pair(cfg.E, rows, cfg.H, g), args.repeats)}
             lines.append(row(name, "padded layer 1: bmm vs per expert", entry))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join([f"# {__doc__.splitlines()[0]}", "", __doc__.split("\n\n", 2)[2].strip(), "",
-                               f"`{results['meta']['command']}`: torch {torch.__version__}, cpu, "
-                               f"{args.threads} threads", "", *lines, ""]))
+    write_results(results, lines, __doc__, f"torch {torch.__version__}, cpu, {args.threads} threads", args.json,
+                  args.markdown)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Outputs and gradients are checked against ``per_slice`` before timing. ``x / gro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import CONFIGS, D, DTYPES  # noqa: E402
 
@@ -109,15 +109,9 @@ def main() -> None:
                 + f" | {entry['per_slice_over_grouped_mm']:.3f} | {entry['padded_bmm_over_grouped_mm']:.3f} |")
         lines.append(line)
         print(line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.markdown:
-        where = f"{device}" + (f" ({meta['gpu']})" if "gpu" in meta else "")
-        with open(args.markdown, "w") as f:
-            f.write("\n".join([f"# {__doc__.splitlines()[0]}", "", __doc__.split("\n\n", 2)[2].strip(), "",
-                               f"`{meta['command']}`: torch {torch.__version__}, {where}, {args.dtype}, "
-                               f"{args.threads} threads", "", *lines, ""]))
+    where = f"{device}" + (f" ({meta['gpu']})" if "gpu" in meta else "")
+    write_results(results, lines, __doc__, f"torch {torch.__version__}, {where}, {args.dtype}, {args.threads} threads",
+                  args.json, args.markdown)
 
 
 if __name__ == "__main__":
