@@ -95,6 +95,11 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
     return "padded" if padded_rows <= PADDED_MAX_WASTE * routed else "sorted"
 
 
+def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
+    return ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {how_many} outside "
+                      "that range")
+
+
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
                   layout: str = "auto") -> DispatchPlan:
     """Plan the expert buffer for ``[T, k]`` expert ids.
@@ -111,16 +116,21 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     num_tokens, k = indices.shape
     device = indices.device
     flat = indices.reshape(-1)
-    out_of_range = ((flat < 0) | (flat >= num_experts)).sum().view(1)
-    if kept is not None:
-        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts))
+    out_of_range = None
+    if kept is not None:  # dropped assignments go to bin E, so out-of-range ids are counted before masking
+        out_of_range = ((flat < 0) | (flat >= num_experts)).sum().view(1)
+        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts)).clamp_(0, num_experts)
     # Float keys: CPU integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
     order = torch.sort(flat.float() if num_experts < 2 ** 24 else flat, stable=True).indices
-    bins = torch.bincount(flat.clamp(0, num_experts), minlength=num_experts + 1)
-    all_counts = torch.cat([bins, out_of_range]).tolist()  # the one host sync: buffer sizes are needed on the host
-    if all_counts[-1]:
-        raise ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {all_counts[-1]} "
-                         "outside that range")
+    try:  # without a capacity, ids >= E land in bins E and beyond, and bincount refuses negative ones
+        bins = torch.bincount(flat, minlength=num_experts + 1)
+    except RuntimeError as exc:
+        raise _ids_out_of_range(num_experts, "some") from exc
+    # The one host sync: buffer sizes are needed on the host.
+    all_counts = (bins if out_of_range is None else torch.cat([bins, out_of_range])).tolist()
+    bad = all_counts.pop() if out_of_range is not None else sum(all_counts[num_experts:])
+    if bad:
+        raise _ids_out_of_range(num_experts, bad)
     counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
     tokens_per_expert = bins[:num_experts]
     n = flat.numel()

@@ -63,8 +63,9 @@ class GroupedExperts(nn.Module):
             check_positive_int(name, value)
         bias1, bias2 = as_pair("bias", bias)
         drop1, drop2 = as_pair("drop", drop)
-        check_probability("drop", drop1)
-        check_probability("drop", drop2)
+        paired = isinstance(drop, (tuple, list))
+        check_probability("drop[0]" if paired else "drop", drop1)
+        check_probability("drop[1]" if paired else "drop", drop2)
         self.num_experts = num_experts
         self.in_features = in_features
         self.hidden_features = hidden_features
@@ -124,14 +125,27 @@ class GroupedExperts(nn.Module):
                 raise ValueError(f"{name}.weight must have shape {shape} (nn.Linear(in, out) stores [out, in]), "
                                  f"got {tuple(layer.weight.shape)}")
         w1 = fc1.weight.t() if fc1_up is None else torch.cat([fc1.weight.t(), fc1_up.weight.t()], dim=-1)
+        b1 = self._dense_bias("fc1", [layer for layer in (fc1, fc1_up) if layer is not None], self.b1)
+        b2 = self._dense_bias("fc2", [fc2], self.b2)
         for e in experts:
             self.w1[e].copy_(w1)
             self.w2[e].copy_(fc2.weight.t())
             if self.b1 is not None:
-                b1 = fc1.bias if fc1_up is None else torch.cat([fc1.bias, fc1_up.bias])
-                self.b1[e].copy_(b1 if b1 is not None else torch.zeros_like(self.b1[e]))
+                self.b1[e].copy_(b1)
             if self.b2 is not None:
-                self.b2[e].copy_(fc2.bias if fc2.bias is not None else torch.zeros_like(self.b2[e]))
+                self.b2[e].copy_(b2)
+
+    @staticmethod
+    def _dense_bias(name: str, layers: List[nn.Linear], expert_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The dense layers' biases side by side (zeros for a layer without one), for an expert bias; raises if
+        the dense layers have a bias the experts cannot hold (the function would change)."""
+        if all(layer.bias is None for layer in layers):
+            return None if expert_bias is None else torch.zeros_like(expert_bias[0])
+        if expert_bias is None:
+            raise ValueError(f"{name} has a bias but the experts' layer has none; build them with a bias there "
+                             "(bias=True or a (first, second) pair)")
+        return torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                          for layer in layers])
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.

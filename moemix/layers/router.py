@@ -14,7 +14,7 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -48,8 +48,8 @@ class RoutingDecision:
     probs: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
-    kept: Optional[torch.Tensor] = None
-    capacity: Optional[int] = None
+    kept: Optional[torch.Tensor] = field(default=None, kw_only=True)
+    capacity: Optional[int] = field(default=None, kw_only=True)
 
     @property
     def num_dropped(self) -> int:

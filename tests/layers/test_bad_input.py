@@ -30,3 +30,22 @@ def test_load_dense_names_the_layer_that_does_not_fit():
     glu = GroupedExperts(2, 8, 16, glu=True)
     with pytest.raises(ValueError, match="GLU experts need fc1_up"):
         glu.load_dense(nn.Linear(8, 16), nn.Linear(16, 8))
+
+
+def test_load_dense_refuses_a_bias_the_experts_cannot_hold():
+    experts = GroupedExperts(2, 8, 16, bias=(True, False))
+    with pytest.raises(ValueError, match="fc2 has a bias"):
+        experts.load_dense(nn.Linear(8, 16), nn.Linear(16, 8))
+    experts.load_dense(nn.Linear(8, 16), nn.Linear(16, 8, bias=False))  # fits
+
+
+def test_load_dense_glu_with_one_biased_projection_fills_zeros():
+    experts = GroupedExperts(2, 8, 16, glu=True)
+    gate, up, down = nn.Linear(8, 16, bias=False), nn.Linear(8, 16), nn.Linear(16, 8)
+    experts.load_dense(gate, down, fc1_up=up)
+    assert torch.equal(experts.b1[1], torch.cat([torch.zeros(16), up.bias.detach()]))
+
+
+def test_a_bad_drop_pair_names_its_element():
+    with pytest.raises(ValueError, match=r"drop\[1\]"):
+        GroupedExperts(2, 8, 16, drop=(0.1, 2.0))

@@ -28,3 +28,21 @@ def test_drop_pair_sets_each_dropout(drop, p1, p2):
     clean = moe(x)
     moe.train()
     assert not torch.allclose(moe(x), clean)  # dropout after either layer acts in training, loop layout too
+
+
+@pytest.mark.parametrize("bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("glu", [False, True])
+def test_bias_pair_gradients_agree_across_layouts(bias, glu):
+    torch.manual_seed(0)
+    ref = SparseMoE(8, 16, bias=bias, glu=glu, num_experts=3, k=2, dispatch_layout="sorted").double()
+    x = torch.randn(30, 8, dtype=torch.float64)
+    grads = {}
+    for layout in ("sorted", "loop", "padded"):
+        ref.dispatch_layout = layout
+        ref.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        ref(xi).square().sum().backward()
+        grads[layout] = [xi.grad] + [p.grad for p in ref.parameters()]
+    for layout in ("loop", "padded"):
+        for got, want in zip(grads[layout], grads["sorted"]):
+            torch.testing.assert_close(got, want)
