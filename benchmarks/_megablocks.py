@@ -23,7 +23,7 @@ from torch import nn
 from moemix.layers import SparseMoE
 
 __all__ = ["megablocks_import_error", "megablocks_weights", "reference_forward", "make_megablocks",
-           "check_megablocks", "MEGABLOCKS_DTYPE", "MEGABLOCKS_TOLERANCE"]
+           "check_megablocks", "megablocks_problem", "MEGABLOCKS_DTYPE", "MEGABLOCKS_TOLERANCE"]
 
 MEGABLOCKS_DTYPE = torch.bfloat16  # grouped_gemm's only dtype
 # Limits of check_megablocks' measures (the others it returns are for information). The whole layer's is
@@ -136,3 +136,14 @@ def check_megablocks(module: nn.Module, moe: SparseMoE, x: torch.Tensor) -> Dict
             "experts_rel": ((out - ref).abs().max() / scale).item(),
             "layer_rel": ((whole - ref)[same].abs().max() / scale).item() if same.any() else 0.0,
             "topk_agreement": same.float().mean().item()}
+
+
+def megablocks_problem(module: nn.Module, moe: SparseMoE, x: torch.Tensor, diffs: Dict[str, float]) -> Optional[str]:
+    """Check megablocks against moemix (adding to ``diffs``); why it cannot be timed, or None."""
+    try:
+        found = check_megablocks(module, moe, x)
+    except Exception as exc:  # noqa: BLE001 - an optional peer; the run goes on without it
+        return f"check failed: {type(exc).__name__}: {exc}"[:300]
+    diffs.update({f"megablocks {part}": v for part, v in found.items()})
+    bad = {part: found[part] for part, limit in MEGABLOCKS_TOLERANCE.items() if not found[part] <= limit}
+    return f"differs from moemix beyond {MEGABLOCKS_TOLERANCE}: {bad}" if bad else None

@@ -40,7 +40,7 @@ hot experts. The same router weights are copied into every routed variant, and b
 script checks, in float32, that moemix, ``hf_loop`` and the transformers block give the same output to
 1e-4 (and GShard too when its capacity is made large enough to drop nothing); it aborts otherwise.
 With ``--dtype bfloat16`` the variants are then cast (parameters and input) and timed in bfloat16;
-megablocks, bfloat16 only, is checked there (``check_megablocks``): its router weight against moemix's
+megablocks, bfloat16 only, is checked there (``_megablocks.check_megablocks``): its router weight against moemix's
 logits, its experts fed moemix's routing decision and the whole layer on the tokens where both routers
 agree, against moemix's output (limits in ``MEGABLOCKS_TOLERANCE``); if a check fails, megablocks is left
 out and the JSON's ``skipped`` (printed with each case) says why.
@@ -49,11 +49,13 @@ Timing: every step is ``zero grads (set to None, untimed); y = layer(x); y.sum()
 ``x.requires_grad`` (a layer inside a network), variants interleaved round-robin with the order rotated
 each round, medians reported. The ratios ``vs_hf_loop`` and ``vs_dense_active`` are medians over rounds of
 the two variants' time ratio within a round (paired, so a slow spell of the shared machine hits both
-sides); ``vs_hf_loop_of_medians`` in the JSON is the ratio of the medians. Memory: on CPU each variant runs one step in a fresh subprocess
-(``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set): two warm-up steps, then the
-kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the growth of the peak over the resident
-size just before one more step is reported (activations, temporaries, gradients; not parameters or
-inputs; moemix's recycled gradient memory is released first, so its gradients count like everyone's). On CUDA: ``max_memory_allocated`` growth over the allocated bytes before the step.
+sides); ``vs_hf_loop_of_medians`` in the JSON is the ratio of the medians. Memory: on CPU each variant
+runs one step in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident
+set): two warm-up steps, then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the
+growth of the peak over the resident size just before one more step is reported (activations,
+temporaries, gradients; not parameters or inputs; moemix's recycled gradient memory is released first,
+so its gradients count like everyone's). On CUDA: ``max_memory_allocated`` growth over the allocated
+bytes before the step.
 """
 from __future__ import annotations
 
@@ -77,8 +79,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_peak_rss,  # noqa: E402
                      rss_bytes, sync)
 
-from _megablocks import (MEGABLOCKS_DTYPE, MEGABLOCKS_TOLERANCE, check_megablocks, make_megablocks,  # noqa: E402
-                         megablocks_import_error)
+from _megablocks import MEGABLOCKS_DTYPE, make_megablocks, megablocks_import_error, megablocks_problem  # noqa: E402
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
 from moemix.layers import expert_workers  # noqa: E402
@@ -484,17 +485,6 @@ def variants_for(args, device) -> list:
     if torch.device(device).type == "cuda":
         names.append("megablocks")
     return names
-
-
-def megablocks_problem(module: nn.Module, moe: SparseMoE, x: torch.Tensor, diffs: Dict[str, float]) -> Optional[str]:
-    """Check megablocks against moemix (adding to ``diffs``); why it cannot be timed, or None."""
-    try:
-        found = check_megablocks(module, moe, x)
-    except Exception as exc:  # noqa: BLE001 - an optional peer; the run goes on without it
-        return f"check failed: {type(exc).__name__}: {exc}"[:300]
-    diffs.update({f"megablocks {part}": v for part, v in found.items()})
-    bad = {part: found[part] for part, limit in MEGABLOCKS_TOLERANCE.items() if not found[part] <= limit}
-    return f"differs from moemix beyond {MEGABLOCKS_TOLERANCE}: {bad}" if bad else None
 
 
 def routing_stats(moe: SparseMoE) -> Dict[str, float]:

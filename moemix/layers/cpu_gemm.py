@@ -2,20 +2,22 @@
 
 torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels). torch also ships
 oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster
-on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 5-7% longer at ``coarse`` and
-``fine`` (E=8 and 64, 1024 and 512 rows per expert; medians of four runs) and 8-12% longer with 32 rows
-per expert, and 0-2% longer with 16 rows of a 512x512 expert (``benchmarks/moe_layer.py --layouts
-loop,loop_blas``; GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which
-library runs a product.
+on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 3-6% longer at ``coarse`` and
+``fine`` (E=8 and 64, 1024 and 512 rows per expert) and 11-13% longer with 32 rows per expert; with 16
+rows of a 512x512 expert it took 3% less, a size at which ``"auto"`` dispatch runs the padded layout
+instead of the loop (medians of four runs of ``benchmarks/moe_layer.py --layouts loop,loop_blas``;
+GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library runs a
+product.
 
 ``"auto"`` (the default) picks oneDNN on the kind of machine it was measured on: fp32 CPU tensors, an
 AMD CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels, oneDNN built in
 and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch mode
 or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
-tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned library; ARM; bf16/fp16;
-CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the ``MOEMIX_CPU_GEMM`` environment variable
-(``auto``, ``blas``, ``onednn``) overrides the choice process-wide; ``onednn`` still falls back to
-BLAS where oneDNN cannot run (not fp32 on CPU, not built in, disabled, a mode or tracing active).
+tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own
+tuned library; ARM; bf16/fp16; CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the
+``MOEMIX_CPU_GEMM`` environment variable (``auto``, ``blas``, ``onednn``) overrides the choice
+process-wide; ``onednn`` still falls back to BLAS where oneDNN cannot run (not fp32 on CPU, not built
+in, disabled, a mode or tracing active).
 
 oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``, the fp32 linear that torch's own
 compiler (inductor) emits on CPU; it is not a documented torch API, so its absence also means BLAS.

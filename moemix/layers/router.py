@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemix.layers._validate import check_choice, check_last_dim, check_nonnegative, check_positive_int
+from moemix.layers._validate import (check_choice, check_last_dim, check_nonnegative, check_positive,
+                                     check_positive_int)
 
 __all__ = ["RoutingDecision", "TopKRouter", "SCORE_FUNCTIONS", "NOISE_TYPES", "expert_capacity"]
 
@@ -70,8 +71,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens!r}")
     check_positive_int("num_experts", num_experts)
     check_positive_int("k", k)
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+    check_positive("capacity_factor", capacity_factor)
     return k * int(capacity_factor * math.ceil(num_tokens / num_experts))
 
 
@@ -133,8 +133,8 @@ class TopKRouter(nn.Module):
         check_nonnegative("noise_eps", noise_eps)
         if noise == "jitter" and noise_eps >= 1:
             raise ValueError(f"noise_eps for jitter must be in [0, 1), got {noise_eps}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if capacity_factor is not None:
+            check_positive("capacity_factor", capacity_factor)
         self.in_features = in_features
         self.num_experts = num_experts
         self.k = k
