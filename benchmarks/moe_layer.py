@@ -330,12 +330,15 @@ def _workers_off() -> Iterator[None]:
 @contextmanager
 def _workers_forced() -> Iterator[None]:
     """The size rules lifted: workers whenever there are 2 threads and 2 hit experts."""
-    rules = expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS
-    expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = 0, math.inf
+    names = ("WORKERS_MIN_MEAN_ROWS", "WORKERS_MIN_EXPERTS", "WORKERS_MAX_EXPERT_MACS")
+    rules = [getattr(expert_workers, name) for name in names]
+    for name, lifted in zip(names, (0, 0, math.inf)):
+        setattr(expert_workers, name, lifted)
     try:
         yield
     finally:
-        expert_workers.WORKERS_MIN_MEAN_ROWS, expert_workers.WORKERS_MAX_EXPERT_MACS = rules
+        for name, rule in zip(names, rules):
+            setattr(expert_workers, name, rule)
 
 
 @contextmanager

@@ -37,10 +37,13 @@ from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool, take_or
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
 LAYOUTS = ("auto", "loop", "sorted", "padded")
-# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded on 2 CPU cores: with many
-# rows per expert the fused per-expert loop wins; with few rows per expert (per-call overhead dominates)
-# the padded batched GEMM wins while padding stays small, and the sorted slices win under skew.
+# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded and benchmarks/dispatch_rule.py
+# (a sweep of expert sizes and rows per expert; table in docs/results/dispatch_rule.md) on 2 CPU cores:
+# the fused per-expert loop wins when an expert has many rows or enough work for its per-call overhead
+# not to matter (mean rows x first-layer multiply-adds per row: 17M was a toss-up, from 34M the loop won
+# or tied); below that the padded batched GEMM wins while padding stays small, else the sorted slices.
 PADDED_MAX_MEAN_ROWS = 128
+LOOP_MIN_EXPERT_MACS = 2e7
 PADDED_MAX_WASTE = 1.5
 # On CUDA (H200, benchmarks/moe_layer.py --device cuda) the batched GEMM wins at every measured shape,
 # skewed routing included (up to 4x padding); beyond that the sorted slices bound the memory.
@@ -81,8 +84,11 @@ class DispatchPlan:
         return self.row_token.numel()
 
 
-def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu") -> str:
-    """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py)."""
+def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu",
+                  macs_per_row: Optional[int] = None) -> str:
+    """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py
+    and benchmarks/dispatch_rule.py). ``macs_per_row``: multiply-adds of one row through an expert's first
+    layer (``in_features * H'``); None leaves the expert size out of the CPU rule."""
     routed = sum(counts)
     hit = sum(1 for c in counts if c)
     padded_rows = len(counts) * max(counts, default=0)
@@ -91,6 +97,8 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
             return "sorted"
         return "padded"
     if num_dropped or routed == 0 or routed / hit > PADDED_MAX_MEAN_ROWS:
+        return "loop"
+    if macs_per_row is not None and routed / hit * macs_per_row >= LOOP_MIN_EXPERT_MACS:
         return "loop"
     return "padded" if padded_rows <= PADDED_MAX_WASTE * routed else "sorted"
 
@@ -101,7 +109,7 @@ def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
-                  layout: str = "auto") -> DispatchPlan:
+                  layout: str = "auto", macs_per_row: Optional[int] = None) -> DispatchPlan:
     """Plan the expert buffer for ``[T, k]`` expert ids.
 
     Args:
@@ -111,6 +119,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         layout: ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"``. ``"loop"`` plans like ``"sorted"``
             and tells the experts to run the fused per-expert loop (:mod:`moemix.layers.expert_loop`)
             instead of building the buffer. Defaults to ``"auto"`` (:func:`choose_layout`).
+        macs_per_row: multiply-adds of one row through an expert's first layer (``in_features * H'``),
+            for the ``"auto"`` rule; None: rows per expert only.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
@@ -137,7 +147,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     if layout == "padded" and num_dropped:
         raise ValueError("layout='padded' cannot hold dropped assignments; use layout='sorted' with a capacity")
     if layout == "auto":
-        layout = choose_layout(counts, num_dropped, device.type)
+        layout = choose_layout(counts, num_dropped, device.type, macs_per_row)
     arange = torch.arange(n, device=device)
     if layout != "padded":
         slot = torch.empty_like(order)

@@ -31,7 +31,8 @@ import torch
 from moemix.layers.cpu_gemm import python_modes_active
 
 __all__ = ["expert_groups", "plan_expert_groups", "workers_pay_off", "run_expert_groups", "set_expert_workers",
-           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MAX_EXPERT_MACS", "WORKERS_MAX_IMBALANCE",
+           "expert_workers_enabled", "WORKERS_MIN_MEAN_ROWS", "WORKERS_MIN_EXPERTS", "WORKERS_MAX_EXPERT_MACS",
+           "WORKERS_MAX_IMBALANCE",
            "MAX_WORKERS"]
 
 R = TypeVar("R")
@@ -41,8 +42,12 @@ R = TypeVar("R")
 # workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 1-5% faster)
 # and gained little or nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512
 # x 2048; 3-5% slower with the products in MKL, from level to 4% faster with them in oneDNN);
-# with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time.
+# with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time. Since the serial
+# loop runs adjacent experts as one chunk (moemix.layers.expert_loop), few experts lost on workers: with
+# 256 rows of a 512 x 512 expert, E=8 took 1.13x and E=16 (512 x 1024) 1.06x the serial time, while
+# E=64 tied at 256 and 512 rows and won by 8% at 1024 rows (benchmarks/dispatch_rule.py shapes).
 WORKERS_MIN_MEAN_ROWS = 256
+WORKERS_MIN_EXPERTS = 32  # hit experts
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
 # A group with much more than its share of rows (one hot expert) would leave the other threads idle
 # while its GEMMs run on fewer threads than the serial loop gives them.
@@ -92,7 +97,8 @@ def plan_expert_groups(device: torch.device, counts: Sequence[int], macs_per_row
     threads = torch.get_num_threads()
     hit = sum(1 for c in counts if c)
     routed = sum(counts)
-    if not _usable(device) or threads < 2 or hit < 2 or not workers_pay_off(routed / hit, macs_per_row):
+    if not _usable(device) or threads < 2 or hit < max(2, WORKERS_MIN_EXPERTS) \
+            or not workers_pay_off(routed / hit, macs_per_row):
         return serial
     groups = expert_groups(counts, min(threads, MAX_WORKERS))
     largest = max(sum(counts[e] for e in g) for g in groups)

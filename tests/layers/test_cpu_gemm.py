@@ -88,6 +88,7 @@ def test_fused_loop_in_fp32_equals_the_reference_with_either_library(library, kw
 def test_onednn_on_the_worker_threads_equals_the_reference(onednn_calls, monkeypatch):
     set_cpu_gemm("onednn")
     monkeypatch.setattr(workers, "WORKERS_MIN_MEAN_ROWS", 0)
+    monkeypatch.setattr(workers, "WORKERS_MIN_EXPERTS", 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -17,6 +17,12 @@ ROWS = workers.WORKERS_MIN_MEAN_ROWS
 MACS = 16 * 48  # in_features x first-layer width of the small test layers
 
 
+@pytest.fixture(autouse=True)
+def few_experts_allowed(monkeypatch):
+    """These tests use a handful of experts; the default rule keeps so few experts serial."""
+    monkeypatch.setattr(workers, "WORKERS_MIN_EXPERTS", 2)
+
+
 @pytest.fixture
 def two_threads():
     before = torch.get_num_threads()
@@ -58,6 +64,13 @@ def test_plan_uses_workers_only_where_measured_to_help(two_threads):
     assert plan_expert_groups(CPU, [ROWS] * 4, big) == [[0, 1, 2, 3]]  # GEMMs big enough for all threads
     torch.set_num_threads(1)
     assert plan_expert_groups(CPU, [ROWS] * 4, MACS) == [[0, 1, 2, 3]]
+
+
+def test_few_experts_run_serially_under_the_default_rule(two_threads, monkeypatch):
+    monkeypatch.setattr(workers, "WORKERS_MIN_EXPERTS", 32)
+    assert plan_expert_groups(CPU, [ROWS] * 31, MACS) == [list(range(31))]
+    assert len(plan_expert_groups(CPU, [ROWS] * 32, MACS)) == 2
+    assert len(plan_expert_groups(CPU, [ROWS] * 32 + [0] * 8, MACS)) == 2  # hit experts count, not E
 
 
 def test_workers_can_be_turned_off(two_threads, serial):
