@@ -97,7 +97,7 @@ def workers_table(results: dict) -> list:
         t = results[k]["timing_detail"]
         ratio = paired_ratio(t["moemix:loop_serial"], t["moemix:loop_workers"])
         cfg = results[k]["config"]
-        uses = workers_pay_off(cfg["T"] * cfg["k"] / cfg["E"], cfg["D"] * 2 * cfg["H"])  # SwiGLU: gate and up
+        uses = workers_pay_off(cfg["T"] * cfg["k"] / cfg["E"], cfg["D"] * 2 * cfg["H"], cfg["E"])  # SwiGLU: gate, up
         lines.append(f"| {k} | {fmt(t['moemix:loop_serial']['ms'])} | {fmt(t['moemix:loop_workers']['ms'])} | "
                      f"{ratio:.3f} | {'yes' if uses else 'no'} |")
     return lines

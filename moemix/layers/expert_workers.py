@@ -97,8 +97,7 @@ def plan_expert_groups(device: torch.device, counts: Sequence[int], macs_per_row
     threads = torch.get_num_threads()
     hit = sum(1 for c in counts if c)
     routed = sum(counts)
-    if not _usable(device) or threads < 2 or hit < max(2, WORKERS_MIN_EXPERTS) \
-            or not workers_pay_off(routed / hit, macs_per_row):
+    if not _usable(device) or threads < 2 or hit < 2 or not workers_pay_off(routed / hit, macs_per_row, hit):
         return serial
     groups = expert_groups(counts, min(threads, MAX_WORKERS))
     largest = max(sum(counts[e] for e in g) for g in groups)
@@ -107,10 +106,11 @@ def plan_expert_groups(device: torch.device, counts: Sequence[int], macs_per_row
     return groups
 
 
-def workers_pay_off(mean_rows: float, macs_per_row: int) -> bool:
-    """The size rules: enough rows per expert, and an expert's first GEMM not so large that it keeps all
-    threads busy on its own (``macs_per_row = in_features * H'``)."""
-    return WORKERS_MIN_MEAN_ROWS <= mean_rows and mean_rows * macs_per_row <= WORKERS_MAX_EXPERT_MACS
+def workers_pay_off(mean_rows: float, macs_per_row: int, hit_experts: int) -> bool:
+    """The size rules: enough experts with rows and enough rows per expert, and an expert's first GEMM not
+    so large that it keeps all threads busy on its own (``macs_per_row = in_features * H'``)."""
+    return (WORKERS_MIN_EXPERTS <= hit_experts and WORKERS_MIN_MEAN_ROWS <= mean_rows
+            and mean_rows * macs_per_row <= WORKERS_MAX_EXPERT_MACS)
 
 
 def run_expert_groups(fn: Callable[[List[int]], R], groups: List[List[int]]) -> List[R]:
