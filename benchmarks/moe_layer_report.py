@@ -123,13 +123,13 @@ def gemm_library_table(named_runs: list) -> list:
 
 
 def row_buffers_table(results: dict) -> list:
-    """The default layer against the same layer allocating its expert-buffer rows afresh every step."""
-    lines = ["| case | recycled ms | fresh ms | hf_loop ms | fresh / recycled (paired) | vs_hf_loop | "
-             "vs_hf_loop with fresh rows | page faults per step: recycled | fresh | hf_loop |", "|---" * 10 + "|"]
+    """The layer on a buffer layout against the same layer allocating its expert-buffer rows afresh."""
+    lines = ["| case | layout | recycled ms | fresh ms | hf_loop ms | fresh / recycled (paired) | vs_hf_loop | "
+             "vs_hf_loop with fresh rows | page faults per step: recycled | fresh | hf_loop |", "|---" * 11 + "|"]
     for k in (k for k in results if k != "meta"):
         e = results[k]
         ms, faults = e["ms"], e["faults_per_step"]
-        lines.append(f"| {k} | {fmt(ms['recycled'])} | {fmt(ms['fresh'])} | {fmt(ms['hf_loop'])} | "
+        lines.append(f"| {k} | {e.get('layout', '-')} | {fmt(ms['recycled'])} | {fmt(ms['fresh'])} | {fmt(ms['hf_loop'])} | "
                      f"{e['fresh_over_recycled']:.3f} | {e['vs_hf_loop']:.2f} | {e['vs_hf_loop_fresh']:.2f} | "
                      f"{faults['recycled']:.0f} | {faults['fresh']:.0f} | {faults['hf_loop']:.0f} |")
     return lines

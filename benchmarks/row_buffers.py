@@ -3,9 +3,11 @@ temporaries afresh every step (no ``RecycledPool``), with the HF loop alongside,
 
     python benchmarks/row_buffers.py --json row_buffers.json
 
-For each small configuration of ``benchmarks/moe_layer.py`` (the ones that run the padded or sorted
-buffer layouts) it times forward + backward of the three variants interleaved, and counts the minor
-page faults each step takes (``getrusage``). ``fresh / recycled`` is the median of per-round ratios.
+For each small configuration of ``benchmarks/moe_layer.py`` the layer runs the buffer layout (padded or
+sorted) that the rows-per-expert part of the ``"auto"`` rule gives for its routing (``small_coarse``
+itself runs the fused loop by default, whose buffers are recycled separately); it times forward +
+backward of the three variants interleaved, and counts the minor page faults each step takes
+(``getrusage``). ``fresh / recycled`` is the median of per-round ratios.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import CONFIGS, ROUTINGS, make_inputs, make_moemix, make_step, make_variant  # noqa: E402
+
+from moemix.layers.dispatch import choose_layout  # noqa: E402
 
 
 def transformers_version() -> str:
@@ -43,11 +47,20 @@ def counting_faults(step, totals: dict, name: str):
     return run
 
 
+def buffer_layout(moe, x) -> str:
+    """The padded or sorted layout for this routing (the rows-per-expert part of the auto rule)."""
+    with torch.no_grad():
+        counts = torch.bincount(moe.router(x).indices.flatten(), minlength=moe.num_experts).tolist()
+    layout = choose_layout(counts)
+    return layout if layout != "loop" else "sorted"
+
+
 def run_case(cfg, routing: str, repeats: int) -> dict:
     moe = make_moemix(cfg, routing, 0)
+    x = make_inputs(cfg, 0, "cpu")
+    moe.dispatch_layout = layout = buffer_layout(moe, x)
     fresh = copy.deepcopy(moe)
     fresh.experts._row_pool = None  # every op allocates its tensors anew
-    x = make_inputs(cfg, 0, "cpu")
     modules = {"recycled": moe, "fresh": fresh, "hf_loop": make_variant("hf_loop", cfg, moe, None)}
     plain = {name: make_step("hf_loop" if name == "hf_loop" else "moemix", m, x) for name, m in modules.items()}
     for step in plain.values():  # warm-up: buffers made, nothing counted
@@ -56,6 +69,7 @@ def run_case(cfg, routing: str, repeats: int) -> dict:
     steps = {name: counting_faults(step, faults, name) for name, step in plain.items()}
     timings = interleaved_medians(steps, "cpu", repeats=repeats, warmup=0)
     return {
+        "layout": layout,
         "ms": {name: t["ms"] for name, t in timings.items()},
         "faults_per_step": {name: faults[name] / timings[name]["n"] for name in modules},
         "fresh_over_recycled": paired_ratio(timings["fresh"], timings["recycled"]),
@@ -77,15 +91,15 @@ def main() -> None:
     results = {"meta": {"command": "python benchmarks/row_buffers.py " + " ".join(sys.argv[1:]),
                         "torch": torch.__version__, "transformers": transformers_version(), "device": "cpu",
                         "threads": args.threads}}
-    print("| case | recycled ms | fresh ms | hf_loop ms | fresh / recycled | vs_hf_loop | vs_hf_loop (fresh) "
+    print("| case | layout | recycled ms | fresh ms | hf_loop ms | fresh / recycled | vs_hf_loop | vs_hf_loop (fresh) "
           "| faults/step recycled | fresh | hf_loop |")
-    print("|---" * 10 + "|")
+    print("|---" * 11 + "|")
     for name in args.configs.split(","):
         for routing in args.routings.split(","):
             case = name if routing == "balanced" else f"{name}_{routing}"
             r = results[case] = run_case(by_name[name], routing, args.repeats)
             ms, fl = r["ms"], r["faults_per_step"]
-            print(f"| {case} | {ms['recycled']:.1f} | {ms['fresh']:.1f} | {ms['hf_loop']:.1f} | "
+            print(f"| {case} | {r['layout']} | {ms['recycled']:.1f} | {ms['fresh']:.1f} | {ms['hf_loop']:.1f} | "
                   f"{r['fresh_over_recycled']:.3f} | {r['vs_hf_loop']:.2f} | {r['vs_hf_loop_fresh']:.2f} | "
                   f"{fl['recycled']:.0f} | {fl['fresh']:.0f} | {fl['hf_loop']:.0f} |", flush=True)
     if args.json:
