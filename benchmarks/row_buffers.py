@@ -3,9 +3,9 @@ temporaries afresh every step (no ``RecycledPool``), with the HF loop alongside,
 
     python benchmarks/row_buffers.py --json row_buffers.json
 
-For each small configuration of ``benchmarks/moe_layer.py`` the layer runs the buffer layout (padded or
-sorted) that the rows-per-expert part of the ``"auto"`` rule gives for its routing (``small_coarse``
-itself runs the fused loop by default, whose buffers are recycled separately); it times forward +
+For each small configuration of ``benchmarks/moe_layer.py`` the layer runs a buffer layout: padded where
+the rows-per-expert part of the ``"auto"`` rule takes it, else sorted (by default ``"auto"`` runs the fused
+loop at ``small_coarse`` and under skew, whose buffers are recycled separately); it times forward +
 backward of the three variants interleaved, and counts the minor page faults each step takes
 (``getrusage``). ``fresh / recycled`` is the median of per-round ratios.
 """
@@ -48,7 +48,7 @@ def counting_faults(step, totals: dict, name: str):
 
 
 def buffer_layout(moe, x) -> str:
-    """The padded or sorted layout for this routing (the rows-per-expert part of the auto rule)."""
+    """Padded where the rows-per-expert part of the auto rule takes it for this routing, else sorted."""
     with torch.no_grad():
         counts = torch.bincount(moe.router(x).indices.flatten(), minlength=moe.num_experts).tolist()
     layout = choose_layout(counts)
