@@ -10,8 +10,9 @@ host sync for the per-expert counts). Three strategies then run the experts:
 - ``"sorted"``: an expert buffer of ``N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]``
   rows (megablocks dMoE / scattermoe style), one GEMM per slice (:func:`grouped_matmul`).
 - ``"padded"``: an expert buffer of ``E * C`` rows, ``C = max(counts)``, viewed as ``[E, C, D]``; all
-  experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest when experts get
-  few rows each (small batches, many experts) and routing is not too skewed.
+  experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest on CPU when experts
+  get few rows each and little work per call (small batches of small experts) and routing is not too
+  skewed.
 
 ``"auto"`` picks per call with :func:`choose_layout` (rules from ``benchmarks/moe_layer.py``). For the
 buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
@@ -99,11 +100,12 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
         if num_dropped or routed == 0 or padded_rows > PADDED_MAX_WASTE_CUDA * routed:
             return "sorted"
         return "padded"
-    if num_dropped or routed == 0 or routed / hit > PADDED_MAX_MEAN_ROWS:
+    if num_dropped or routed == 0:
         return "loop"
-    if macs_per_row is not None and routed / hit * macs_per_row >= LOOP_MIN_EXPERT_MACS:
-        return "loop"
-    return "padded" if padded_rows <= PADDED_MAX_WASTE * routed else "loop"
+    mean_rows = routed / hit
+    small_experts = mean_rows <= PADDED_MAX_MEAN_ROWS and (
+        macs_per_row is None or mean_rows * macs_per_row < LOOP_MIN_EXPERT_MACS)
+    return "padded" if small_experts and padded_rows <= PADDED_MAX_WASTE * routed else "loop"
 
 
 def _ids_out_of_range(num_experts: int, how_many) -> ValueError:

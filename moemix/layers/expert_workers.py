@@ -41,11 +41,11 @@ R = TypeVar("R")
 # docs/results/moe_layer.md, and shapes between its configurations): with 256 or more rows per expert the
 # workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 1-5% faster)
 # and gained little or nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512
-# x 2048; 3-5% slower with the products in MKL, from level to 4% faster with them in oneDNN);
+# x 2048; 3-5% slower with the products in MKL, from 5% slower to 4% faster with them in oneDNN);
 # with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time. Since the serial
 # loop runs adjacent experts as one chunk (moemix.layers.expert_loop), few experts lost on workers: with
 # 256 rows of a 512 x 512 expert, E=8 took 1.13x and E=16 (512 x 1024) 1.06x the serial time, while
-# E=64 tied at 256 and 512 rows and won by 8% at 1024 rows (benchmarks/dispatch_rule.py shapes).
+# E=64 tied at 256 rows, was 0-10% faster at 512 (`fine`, workers table) and 8% at 1024 rows.
 WORKERS_MIN_MEAN_ROWS = 256
 WORKERS_MIN_EXPERTS = 32  # hit experts
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
