@@ -29,3 +29,23 @@ def reference_moe(moe, x):
             y = y + experts.b2[e]
         out = out.index_add(0, rows, y * decision.weights[rows, slot, None])
     return out.reshape(*x.shape[:-1], moe.out_features)
+
+
+def output_and_grads(module, x, fn):
+    """Output, input gradient and parameter gradients of ``fn(x)`` against a fixed random target."""
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * target).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_matches_reference(moe, x, tol=1e-5):
+    """``moe``'s output and gradients equal :func:`reference_moe`'s on ``x``."""
+    out, gx, gp = output_and_grads(moe, x, moe)
+    ref_out, ref_gx, ref_gp = output_and_grads(moe, x, lambda t: reference_moe(moe, t))
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, ref_gx, atol=tol, rtol=tol)
+    for name, g in ref_gp.items():
+        torch.testing.assert_close(gp[name], g, atol=tol, rtol=tol, msg=name)
