@@ -14,8 +14,9 @@ top-k, renormalised):
   one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``) and
   ``moemix:loop_serial``, the fused loop with its CPU worker threads off, and ``moemix:loop_workers``,
   the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`),
-  and ``moemix:loop_blas``, the fused loop with its CPU products in ``torch.mm`` where the default
-  picks oneDNN (:mod:`moemix.layers.cpu_gemm`).
+  ``moemix:loop_blas``, the fused loop with its CPU products in ``torch.mm`` where the default
+  picks oneDNN (:mod:`moemix.layers.cpu_gemm`), and ``moemix:loop_unchunked``, the fused loop with every
+  expert a chunk of its own (:func:`moemix.layers.expert_loop.expert_chunks`).
 * ``hf_loop``: the HF-transformers Mixtral loop (transformers 4.x ``MixtralSparseMoeBlock``, written
   here): one ``nn.Linear`` triple per expert, ``torch.where(expert_mask[e])``, gather, expert MLP,
   ``index_add_``. This is the baseline of the issue's targets (``vs_hf_loop``).
@@ -82,7 +83,7 @@ from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_pea
 from _megablocks import MEGABLOCKS_DTYPE, make_megablocks, megablocks_import_error, megablocks_problem  # noqa: E402
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
-from moemix.layers import expert_workers  # noqa: E402
+from moemix.layers import expert_loop, expert_workers  # noqa: E402
 from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, set_cpu_gemm  # noqa: E402
 from moemix.layers.expert_workers import set_expert_workers  # noqa: E402
 
@@ -109,7 +110,8 @@ MAIN_VARIANTS = ("moemix", "hf_loop", "gshard", "dense_active")
 SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worker threads turned off
 WORKERS_LOOP = "loop_workers"  # --layouts name: the fused loop on worker threads whatever the size rules say
 BLAS_LOOP = "loop_blas"  # --layouts name: the fused loop with its CPU products in torch.mm (moemix.layers.cpu_gemm)
-LOOP_VARIANTS = (SERIAL_LOOP, WORKERS_LOOP, BLAS_LOOP)
+UNCHUNKED_LOOP = "loop_unchunked"  # --layouts name: the fused loop with every expert a chunk of its own
+LOOP_VARIANTS = (SERIAL_LOOP, WORKERS_LOOP, BLAS_LOOP, UNCHUNKED_LOOP)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -352,10 +354,21 @@ def _blas_gemms() -> Iterator[None]:
         set_cpu_gemm(before)
 
 
+@contextmanager
+def _unchunked() -> Iterator[None]:
+    """Every expert of the fused loop a chunk of its own (moemix.layers.expert_loop.CHUNK_MAX_ELEMENTS)."""
+    budget = expert_loop.CHUNK_MAX_ELEMENTS
+    expert_loop.CHUNK_MAX_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        expert_loop.CHUNK_MAX_ELEMENTS = budget
+
+
 def _variant_setting(name: str) -> Optional[Callable[[], ContextManager]]:
     """The process-wide setting a forced-loop variant runs under (None: the defaults)."""
     return {f"moemix:{SERIAL_LOOP}": _workers_off, f"moemix:{WORKERS_LOOP}": _workers_forced,
-            f"moemix:{BLAS_LOOP}": _blas_gemms}.get(name)
+            f"moemix:{BLAS_LOOP}": _blas_gemms, f"moemix:{UNCHUNKED_LOOP}": _unchunked}.get(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,6 +503,12 @@ def variants_for(args, device) -> list:
     return names
 
 
+def expert_counts(moe: SparseMoE, x: torch.Tensor) -> list:
+    """Assignments per expert that ``moe``'s router makes for tokens ``x`` (host ints)."""
+    with torch.no_grad():
+        return torch.bincount(moe.router(x).indices.flatten(), minlength=moe.num_experts).tolist()
+
+
 def routing_stats(moe: SparseMoE) -> Dict[str, float]:
     tpe = moe.tokens_per_expert.float()
     return {"max_over_mean_load": (tpe.max() / tpe.mean()).item(),
@@ -583,7 +602,8 @@ def main(argv=None):
     p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
                    f"e.g. loop,sorted,padded (the data behind the 'auto' rule); {SERIAL_LOOP} is the fused loop "
                    f"without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads whatever "
-                   f"their size rules say (the data behind those rules), {BLAS_LOOP} the fused loop with its "
+                   f"their size rules say (the data behind those rules), {UNCHUNKED_LOOP} the fused loop with "
+                        "every expert a chunk of its own, {BLAS_LOOP} the fused loop with its "
                    "CPU products in torch.mm instead of oneDNN (moemix.layers.cpu_gemm)")
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
-from moe_layer import CONFIGS, ROUTINGS, make_inputs, make_moemix, make_step, make_variant  # noqa: E402
+from moe_layer import (CONFIGS, ROUTINGS, expert_counts, make_inputs, make_moemix, make_step,  # noqa: E402
+                       make_variant)
 
 from moemix.layers.dispatch import choose_layout  # noqa: E402
 
@@ -49,10 +50,7 @@ def counting_faults(step, totals: dict, name: str):
 
 def buffer_layout(moe, x) -> str:
     """Padded where the rows-per-expert part of the auto rule takes it for this routing, else sorted."""
-    with torch.no_grad():
-        counts = torch.bincount(moe.router(x).indices.flatten(), minlength=moe.num_experts).tolist()
-    layout = choose_layout(counts)
-    return layout if layout != "loop" else "sorted"
+    return "padded" if choose_layout(expert_counts(moe, x)) == "padded" else "sorted"
 
 
 def run_case(cfg, routing: str, repeats: int) -> dict:

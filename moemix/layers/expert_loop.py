@@ -70,10 +70,10 @@ def _sum_into_first(parts: List[Optional[torch.Tensor]], empty: Callable[[], tor
 
 # Experts whose rows are adjacent in sorted order share one gather, one activation, one router-weight
 # multiply and one scatter while their rows times first-layer width stay within this many elements
-# (4 MiB of fp32 ``h``); their GEMMs stay per expert, and an expert with more rows runs alone. Measured
-# against every expert alone (2 CPU cores, forward + backward): `small_fine` (64 experts of 16 rows) took
-# 11% less time, `small_coarse` (8 experts of 32 rows) about the same, `fine` and `coarse` were level
-# (budgets of 2^18 to 2^22 elements within 4% of each other).
+# (4 MiB of fp32 ``h``); their GEMMs stay per expert, and an expert with more rows runs alone. Every
+# expert alone took 1.14x the chunked time with 64 experts of 16 rows (`small_fine`), 1.08x with 32 rows,
+# 1.04x at `small_coarse` and 0.95-1.00x with 512 or more rows per expert (2 CPU cores, forward +
+# backward; benchmarks/dispatch_rule.py --extra loop_unchunked, docs/results/loop_chunks.md).
 CHUNK_MAX_ELEMENTS = 1 << 20
 
 

@@ -44,8 +44,9 @@ R = TypeVar("R")
 # x 2048; 3-5% slower with the products in MKL, from 5% slower to 4% faster with them in oneDNN);
 # with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time. Since the serial
 # loop runs adjacent experts as one chunk (moemix.layers.expert_loop), few experts lost on workers: with
-# 256 rows of a 512 x 512 expert, E=8 took 1.13x and E=16 (512 x 1024) 1.06x the serial time, while
-# E=64 tied at 256 rows, was 0-10% faster at 512 (`fine`, workers table) and 8% at 1024 rows.
+# 256-1024 rows per expert, 8 experts took 1.10-1.22x and 16 experts 0.97-1.10x the serial time, while
+# with 64 the serial loop took 1.02-1.03x the workers' time (benchmarks/dispatch_rule.py --extra
+# loop_serial,loop_workers, docs/results/loop_workers.md).
 WORKERS_MIN_MEAN_ROWS = 256
 WORKERS_MIN_EXPERTS = 32  # hit experts
 WORKERS_MAX_EXPERT_MACS = 4e8  # mean rows x in_features x first-layer width, per expert
