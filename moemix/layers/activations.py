@@ -103,8 +103,9 @@ def gated_activation_grad(grad: Tensor, h: Tensor, act_out: Tensor, act_backward
     shape) or a new tensor."""
     hidden = h.shape[-1] // 2
     grad_h = torch.empty_like(h) if out is None else out
+    grad_gate = torch.mul(grad, h[..., hidden:], out=grad_h[..., :hidden])  # d/d act(gate), then in place
+    act_backward(grad_gate, h[..., :hidden], act_out, out=grad_gate)
     torch.mul(grad, act_out, out=grad_h[..., hidden:])
-    act_backward(grad * h[..., hidden:], h[..., :hidden], act_out, out=grad_h[..., :hidden])
     return grad_h
 
 

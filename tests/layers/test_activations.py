@@ -54,8 +54,8 @@ class _TimesSoftplus(nn.Module):
         return x * nn.functional.softplus(x)
 
 
-@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.ReLU(inplace=True), nn.SiLU(inplace=True), nn.Identity(),
-                                 _TimesSoftplus()])
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(inplace=True),
+                                 nn.SiLU(inplace=True), nn.Tanh(), nn.Sigmoid(), nn.Identity(), _TimesSoftplus()])
 def test_gated_activation_equals_slices_by_autograd(act):
     h = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 4, 5, dtype=torch.float64)
