@@ -2,8 +2,8 @@
 
 torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels). torch also ships
 oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster
-on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 3-5% longer at ``coarse`` and
-``fine`` (E=8 and 64, 1024 and 512 rows per expert), 13% longer with 32 rows per expert and 4-5% longer
+on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 3-6% longer at ``coarse`` and
+``fine`` (E=8 and 64, 1024 and 512 rows per expert), 13-18% longer with 32 rows per expert and 4-5% longer
 with 16 rows of a 512x512 expert, a size at which ``"auto"`` dispatch runs the padded layout instead of
 the loop (medians of seven runs of ``benchmarks/moe_layer.py --layouts loop,loop_blas``;
 GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library runs a

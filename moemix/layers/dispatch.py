@@ -44,13 +44,15 @@ LAYOUTS = ("auto", "loop", "sorted", "padded")
 # the fused per-expert loop wins when an expert has many rows or enough work for its per-call overhead
 # not to matter (mean rows x first-layer multiply-adds per row: 17M was a toss-up, from 34M the loop won
 # or tied); below that the padded batched GEMM wins while padding stays small, and under skew the loop
-# (its chunks share the per-expert ops) beat the sorted slices in most cases (by up to 1.2x; the sorted
-# slices were ahead by 2-5% only with 64 small experts).
+# (its chunks share the per-expert ops) beat the sorted slices in 23 of 25 cases (sorted / loop up to 1.29;
+# the sorted slices were ahead by about 1% in the other two).
 PADDED_MAX_MEAN_ROWS = 128
 LOOP_MIN_EXPERT_MACS = 2e7
 PADDED_MAX_WASTE = 1.5
-# On CUDA (H200, benchmarks/moe_layer.py --device cuda) the batched GEMM wins at every measured shape,
-# skewed routing included (up to 4x padding); beyond that the sorted slices bound the memory.
+# On CUDA (H200, one --quick run of benchmarks/moe_layer.py --device cuda, CUDA table of
+# docs/results/moe_layer.md) the batched GEMM won or tied at every configuration, skewed routing included
+# (up to 4x padding), except `coarse_skewed` (1024 rows per expert), where the sorted slices took 5.33 ms
+# against its 6.20; beyond that padding the sorted slices bound the memory.
 PADDED_MAX_WASTE_CUDA = 4.0
 
 

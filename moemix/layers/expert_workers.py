@@ -39,10 +39,12 @@ R = TypeVar("R")
 
 # Rules measured on 2 CPU cores (benchmarks/moe_layer.py --layouts loop_serial,loop_workers; table in
 # docs/results/moe_layer.md, and shapes between its configurations): with 256 or more rows per expert the
-# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, 1-5% faster)
-# and gained little or nothing for GEMMs that keep all threads busy on their own (`coarse`: 1024 rows x 512
-# x 2048; 3-5% slower with the products in MKL, from 5% slower to 4% faster with them in oneDNN);
-# with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time. Since the serial
+# workers won while each expert's first GEMM was mid-sized (`fine`: 512 rows x 512 x 512, serial / workers
+# 1.046 and 1.099 with balanced and skewed routing) and gained little or nothing for GEMMs that keep all
+# threads busy on their own (`coarse`: 1024 rows x 512 x 2048; serial / workers 0.952 and 1.024 with the
+# products in oneDNN; 3-5% slower with them in MKL, `git show 74c70a9:docs/results/moe_layer.md`);
+# with 32 rows per expert (`small_coarse`) the workers took 1.25-1.34x the serial time (before the serial
+# loop had chunks: `git show fcfaef0:docs/results/moe_layer.md`). Since the serial
 # loop runs adjacent experts as one chunk (moemix.layers.expert_loop), few experts lost on workers: with
 # 256-1024 rows per expert, 8 experts took 1.10-1.22x and 16 experts 0.97-1.10x the serial time, while
 # with 64 the serial loop took 1.02-1.03x the workers' time (benchmarks/dispatch_rule.py --extra
