@@ -182,8 +182,8 @@ class TopKRouter(nn.Module):
         else:
             logits = F.linear(x, self.weight.float())
         if self.training and self.noise == "gumbel":
-            u = torch.rand_like(logits).clamp_(min=1e-20)
-            logits = logits - torch.log(-torch.log(u).clamp(min=1e-20))
+            u = torch.rand_like(logits).clamp_(min=1e-20)  # [0, 1) -> -log(u) > 0
+            logits = logits - torch.log((-torch.log(u)).clamp(min=1e-20))  # + Gumbel(0, 1)
         elif self.training and self.noise == "normal" and self.noise_eps > 0:
             logits = logits + torch.randn_like(logits) * (self.noise_eps / self.num_experts)
         return logits

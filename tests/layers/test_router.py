@@ -51,7 +51,19 @@ def test_noise_only_in_training(noise):
     router.eval()
     assert torch.equal(router(x).logits, router(x).logits)
     router.train()
-    assert not torch.equal(router(x).logits, router(x).logits)
+    noisy = router(x).logits
+    assert torch.isfinite(noisy).all()
+    assert not torch.equal(noisy, router(x).logits)
+
+
+def test_gumbel_noise_is_standard_gumbel():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, noise="gumbel")
+    x = torch.randn(20000, 8)
+    noise = router(x).logits - x @ router.weight.t()
+    assert torch.isfinite(noise).all()
+    assert math.isclose(noise.mean().item(), 0.5772, abs_tol=0.02)  # Euler-Mascheroni constant
+    assert math.isclose(noise.std().item(), math.pi / math.sqrt(6), rel_tol=0.02)
 
 
 def test_normal_noise_scale_is_eps_over_num_experts():
