@@ -6,8 +6,8 @@ from typing import Callable, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from moemix.layers._first_order import first_order_backward
 from moemix.layers.recycled_buffers import RecycledPool, take_or_empty
 
 __all__ = ["get_act_layer", "activation_forward", "activation_backward", "apply_activation", "gated_activation", "gated_activation_grad",
@@ -120,7 +120,7 @@ class _GatedActivation(torch.autograd.Function):
         return torch.mul(act_out, h[..., hidden:], out=take_or_empty(pool, act_out))
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         h, act_out = ctx.saved_tensors
         grad_h = gated_activation_grad(grad, h, act_out, ctx.act_backward, out=take_or_empty(ctx.pool, h))
@@ -132,7 +132,7 @@ def gated_activation(h: Tensor, act: nn.Module, pool: Optional[RecycledPool] = N
 
     For the built-in activations (:func:`activation_backward`) this is one autograd node whose backward
     writes the gate and up gradients side by side into one ``[..., 2H]`` tensor (instead of two
-    zero-padded slice gradients that are then added); it supports one backward (no double backward).
+    zero-padded slice gradients that are then added); it has first-order gradients only (``create_graph=True`` raises).
     ``pool`` (:class:`~moemix.layers.recycled_buffers.RecycledPool`) recycles the memory of ``act(gate)``,
     the output and the gradient across steps. Any other activation (with parameters, random, or custom)
     goes through plain autograd.

@@ -31,8 +31,8 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from moemix.layers._first_order import first_order_backward
 from moemix.layers._validate import check_choice
 from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool, take_or_empty
 
@@ -193,7 +193,7 @@ class _DispatchTokens(torch.autograd.Function):
         return torch.index_select(x, 0, row_token, out=take_or_empty(pool, x, (row_token.numel(), x.shape[-1])))
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         (slot,) = ctx.saved_tensors
         # grad_x[t] = sum_j grad[slot[t, j]]: a gather-reduce that never materialises [T*k, D]
@@ -220,7 +220,7 @@ class _CombineTokens(torch.autograd.Function):
         return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
         grad = grad.to(rows.dtype).contiguous()
@@ -295,7 +295,7 @@ class _GroupedMatmul(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         counts = ctx.counts
@@ -339,7 +339,7 @@ class _PaddedMatmul(torch.autograd.Function):
         return torch.bmm(x, weight, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight, out=out)
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -29,8 +29,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from moemix.layers._first_order import first_order_backward
 from moemix.layers.activations import activation_backward, activation_forward, apply_activation, gated_activation_grad
 from moemix.layers.cpu_gemm import cpu_gemm, matmul
 from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
@@ -191,7 +191,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_out):
         x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted = ctx.saved_tensors
         saved = ctx.saved_experts

@@ -84,9 +84,8 @@ def test_gated_activation_trains_the_parameters_of_its_activation():
 
 def test_gated_activation_refuses_double_backward_clearly():
     h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(gated_activation(h, nn.SiLU()).sum(), h, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|doesn't require grad"):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="GatedActivation has first-order gradients only"):
+        torch.autograd.grad(gated_activation(h, nn.SiLU()).pow(2).sum(), h, create_graph=True)
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(inplace=True), nn.Tanh(),

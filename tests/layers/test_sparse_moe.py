@@ -202,6 +202,28 @@ def test_torch_compile_matches_eager(backend, kw):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_double_backward_raises_instead_of_dropping_terms(layout, glu):
+    moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout=layout).double()
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(moe(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):  # grad outputs without a graph too
+        torch.autograd.grad(moe(x).sum(), list(moe.parameters()), create_graph=True, allow_unused=True)
+
+
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+def test_second_backward_with_retain_graph_on_buffer_layouts(layout):
+    moe = SparseMoE(8, 12, num_experts=4, k=2, dispatch_layout=layout).double()
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    out = moe(x).sum()
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+
+
 def test_state_dict_round_trip():
     a = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
     b = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
