@@ -40,11 +40,21 @@ def _matches(name: str, pattern: Union[str, Sequence[str]]) -> Optional[str]:
 
 
 def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], every: Optional[int]) -> List[str]:
+    if pattern is not None and (blocks is not None or every is not None):
+        raise ValueError("pass either pattern or blocks/every, not both: pattern chooses modules by name, "
+                         "blocks/every choose blocks of a timm ViT")
+    if blocks is not None and every is not None:
+        raise ValueError("pass either blocks (block indices) or every (MoE in every n-th block), not both")
     if pattern is not None:
         names = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
         for p in ([pattern] if isinstance(pattern, str) else pattern):
             if not any(_matches(n, p if isinstance(pattern, str) else [p]) for n in names):
                 warnings.warn(f"replace_mlp_with_moe: pattern {p!r} matched no module", stacklevel=3)
+        nested = [(outer, inner) for outer in names for inner in names if inner.startswith(outer + ".")]
+        if nested:
+            outer, inner = nested[0]
+            raise ValueError(f"pattern matched both {outer!r} and its submodule {inner!r}; "
+                             "make it match the FFN modules only")
         return names
     stack = getattr(model, "blocks", None)
     if not isinstance(stack, (nn.Sequential, nn.ModuleList)):
@@ -87,16 +97,21 @@ def replace_mlp_with_moe(
         **moe_kwargs: forwarded to :class:`SparseMoE` (``num_experts``, ``k``, ``aux_loss_coef``, ...).
 
     Returns:
-        The names of the replaced modules.
+        The names of the replaced modules. Each new layer takes its FFN's train/eval mode; if any target
+        cannot be converted, a ``ValueError`` names it and the model is left unchanged.
     """
     names = _select_targets(model, pattern, blocks, every)
     if not names:
         raise ValueError("replace_mlp_with_moe matched no module; check pattern/blocks")
+    replacements = []  # all built before the model changes, so a target that cannot be converted changes nothing
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, attr)
-        fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
+        try:
+            fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
+        except ValueError as err:
+            raise ValueError(f"cannot convert {name!r}: {err}") from None
         kwargs = dict(act_layer=lambda act=act: copy.deepcopy(act), bias=(fc1.bias is not None, fc2.bias is not None),
                       drop=drop, glu=fc1_up is not None)
         kwargs.update(moe_kwargs)
@@ -104,5 +119,7 @@ def replace_mlp_with_moe(
                         device=fc1.weight.device, dtype=fc1.weight.dtype)
         if copy_weights:
             moe.experts.load_dense(fc1, fc2, fc1_up=fc1_up)
+        replacements.append((parent, attr, moe.train(dense.training)))
+    for parent, attr, moe in replacements:
         setattr(parent, attr, moe)
     return names

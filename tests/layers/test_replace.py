@@ -79,3 +79,30 @@ def test_vit_with_moe_trains_and_loss_falls():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_conflicting_selectors_raise():
+    with pytest.raises(ValueError, match="either pattern or blocks/every"):
+        replace_mlp_with_moe(_vit(), pattern=r"blocks\.0\.mlp", blocks=[0])
+    with pytest.raises(ValueError, match="either blocks .* or every"):
+        replace_mlp_with_moe(_vit(), blocks=[0], every=2)
+
+
+def test_a_target_that_cannot_be_converted_leaves_the_model_unchanged():
+    model = _vit()
+    with pytest.raises(ValueError, match="cannot convert 'blocks.1.attn'"):
+        replace_mlp_with_moe(model, pattern=r"blocks\.(0\.mlp|1\.attn)", num_experts=2, k=1)
+    assert not any(isinstance(m, SparseMoE) for m in model.modules())
+
+
+def test_a_pattern_matching_an_ffn_and_its_layers_raises():
+    with pytest.raises(ValueError, match="'blocks.0.mlp' and its submodule 'blocks.0.mlp.fc1'"):
+        replace_mlp_with_moe(_vit(), pattern=r"blocks\.0\.mlp.*", num_experts=2, k=1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_new_layers_take_the_mode_of_the_ffn_they_replace(training):
+    model = _vit().train(training)
+    replace_mlp_with_moe(model, blocks=[0], num_experts=2, k=1, noise="jitter")
+    assert model.blocks[0].mlp.training is training
+    assert all(m.training is training for m in model.blocks[0].mlp.modules())
