@@ -2,6 +2,7 @@
 gated (GLU) activation ``act(gate) * up`` as one autograd node."""
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Type, Union
 
 import torch
@@ -25,8 +26,12 @@ ACT_LAYERS = {
 }
 
 
-def get_act_layer(act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]]) -> Callable[[], nn.Module]:
-    """Return a zero-argument factory for the activation module."""
+def get_act_layer(act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module], nn.Module]
+                  ) -> Callable[[], nn.Module]:
+    """Return a zero-argument factory for the activation module: from a name (``ACT_LAYERS``), a module
+    class or factory, or a module instance (each call gives a deep copy, so layers never share it)."""
+    if isinstance(act_layer, nn.Module):
+        return lambda: copy.deepcopy(act_layer)
     if isinstance(act_layer, str):
         key = act_layer.lower()
         if key not in ACT_LAYERS:

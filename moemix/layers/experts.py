@@ -29,7 +29,8 @@ class GroupedExperts(nn.Module):
         in_features: input width ``D``.
         hidden_features: hidden width per expert ``H``.
         out_features: output width. Defaults to ``in_features``.
-        act_layer: activation module type or name (``"gelu"``, ``"silu"``, ...). Defaults to GELU.
+        act_layer: activation name (``"gelu"``, ``"silu"``, ...), module class or factory, or a module
+            instance (copied). Built with the layer's ``device`` and ``dtype``. Defaults to GELU.
         bias: learn per-expert biases; a pair ``(first layer, second layer)`` sets them apart, as in
             timm's ``Mlp``. Defaults to True.
         glu: gated linear unit form. Defaults to False.
@@ -49,7 +50,7 @@ class GroupedExperts(nn.Module):
         hidden_features: int,
         out_features: Optional[int] = None,
         *,
-        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
+        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module], nn.Module] = nn.GELU,
         bias: Union[bool, Tuple[bool, bool]] = True,
         glu: bool = False,
         drop: Union[float, Tuple[float, float]] = 0.0,
@@ -77,7 +78,7 @@ class GroupedExperts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, fc1_out, **dd)) if bias1 else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **dd))
         self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias2 else None
-        self.act = get_act_layer(act_layer)()
+        self.act = get_act_layer(act_layer)().to(**{k: v for k, v in dd.items() if v is not None})  # PReLU, ...
         self.drop1 = nn.Dropout(drop1)
         self.drop2 = nn.Dropout(drop2)
         self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
@@ -162,10 +163,25 @@ class GroupedExperts(nn.Module):
         out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity)
         return combine_tokens(out_rows, weights, plan, self._row_pool)
 
-    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
-        check_last_dim(type(self).__name__, x, self.in_features)
+    def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
+        """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
+        if any(c < 0 for c in counts):
+            raise ValueError(f"counts must be >= 0, got {list(counts)}")
+        if capacity is None:
+            if sum(counts) > rows:
+                raise ValueError(f"counts sum to {sum(counts)} rows but x has {rows}")
+            return
+        if capacity < 0 or rows != self.num_experts * capacity:
+            raise ValueError(f"with capacity={capacity}, x must have num_experts * capacity = "
+                             f"{self.num_experts * capacity} rows, got {rows}")
+        if max(counts, default=0) > capacity:
+            raise ValueError(f"counts must be <= capacity={capacity} in the padded layout, got {list(counts)}")
+
+    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
+        check_last_dim(type(self).__name__, x, self.in_features)
+        self._check_counts(counts, capacity, x.shape[0])
         pool = self._row_pool
         h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], pool)
         h = gated_activation(h, self.act, pool) if self.glu else self.act(h)

@@ -38,7 +38,8 @@ class SparseMoE(nn.Module):
         in_features: token width ``D``.
         hidden_features: hidden width of each expert. Defaults to ``in_features``.
         out_features: output width. Defaults to ``in_features``.
-        act_layer: activation type or name. Defaults to GELU.
+        act_layer: activation name, module class or factory, or a module instance (each layer gets a
+            copy). Defaults to GELU.
         norm_layer: must be None (accepted for ``timm.layers.Mlp`` signature compatibility).
         bias: expert biases; a pair ``(first layer, second layer)`` as in timm's ``Mlp``. Defaults to True.
         drop: dropout inside the experts (after the activation, after the second layer); a pair as in
@@ -75,7 +76,7 @@ class SparseMoE(nn.Module):
         in_features: int,
         hidden_features: Optional[int] = None,
         out_features: Optional[int] = None,
-        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
+        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module], nn.Module] = nn.GELU,
         norm_layer: Optional[Type[nn.Module]] = None,
         bias: Union[bool, Tuple[bool, bool]] = True,
         drop: Union[float, Tuple[float, float]] = 0.0,

@@ -100,3 +100,14 @@ def test_forward_into_a_strided_out_leaves_the_input_alone(act):
     torch.testing.assert_close(x, before, equal_nan=True)
     assert (target[:, :2] == -1).all() and (target[:, 7:] == -1).all()
     assert activation_forward(nn.Softplus()) is None
+
+
+def test_an_activation_with_parameters_takes_the_layer_dtype_and_an_instance_is_copied():
+    from moemix.layers import SparseMoE
+    moe = SparseMoE(8, 12, num_experts=2, act_layer=nn.PReLU, dtype=torch.float64)
+    assert moe.experts.act.weight.dtype == torch.float64
+    assert moe(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+    act = nn.GELU(approximate="tanh")
+    a, b = SparseMoE(8, 12, num_experts=2, act_layer=act), SparseMoE(8, 12, num_experts=2, act_layer=act)
+    assert a.experts.act is not act and b.experts.act is not a.experts.act
+    assert a.experts.act.approximate == "tanh"

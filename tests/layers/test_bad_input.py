@@ -12,6 +12,25 @@ def test_grouped_experts_wrong_last_dimension_reports_expected_and_got():
         experts(torch.randn(5, 7), counts=[2, 3])
 
 
+@pytest.mark.parametrize("counts, capacity, match", [
+    ([3, 3], None, "counts sum to 6 rows but x has 5"),
+    ([-1, 3], None, "counts must be >= 0"),
+    ([2], None, "counts must have num_experts=2 entries"),
+    ([2, 3], 2, "x must have num_experts \\* capacity = 4 rows, got 5"),
+])
+def test_grouped_experts_counts_must_describe_the_rows(counts, capacity, match):
+    with pytest.raises(ValueError, match=match):
+        GroupedExperts(2, 8, 16)(torch.randn(5, 8), counts, capacity)
+
+
+def test_grouped_experts_padded_counts_must_fit_the_capacity():
+    experts = GroupedExperts(2, 8, 16)
+    with pytest.raises(ValueError, match="counts must be <= capacity=3"):
+        experts(torch.randn(6, 8), [4, 0], capacity=3)
+    assert experts(torch.randn(6, 8), [3, 1], capacity=3).shape == (6, 8)
+    assert experts(torch.randn(6, 8), [2, 1]).shape == (6, 8)  # sorted rows past sum(counts) are padding
+
+
 @pytest.mark.parametrize("bad", [4, 5, -1])
 def test_plan_dispatch_rejects_expert_ids_out_of_range(bad):
     indices = torch.tensor([[0, 1], [2, bad], [3, 0]])
