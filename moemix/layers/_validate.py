@@ -42,6 +42,9 @@ def check_choice(name: str, value, choices: Iterable) -> None:
 
 
 def check_last_dim(who: str, x: torch.Tensor, expected: int) -> None:
+    """``x`` is a floating-point ``[..., expected]`` tensor."""
+    if not x.is_floating_point():
+        raise ValueError(f"{who} expected a floating-point input, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != expected:
         got = x.shape[-1] if x.dim() else "a 0-d tensor"
         raise ValueError(f"{who} expected input of shape [..., {expected}], got last dimension {got} "

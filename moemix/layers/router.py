@@ -14,6 +14,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -92,8 +93,11 @@ class TopKRouter(nn.Module):
         noise: training-time noise: ``None``; ``"jitter"`` multiplies the input by U(1-eps, 1+eps)
             (Switch/megablocks); ``"gumbel"`` adds Gumbel(0, 1) to the logits (ST-MoE);
             ``"normal"`` adds N(0, (eps / E)^2) to the logits (tutel, GNT-MOVE). Defaults to None.
-        noise_eps: jitter width or normal-noise scale. Defaults to 1e-2 for jitter, 1.0 for normal.
-        renormalize: divide the k weights by their sum (Mixtral). Defaults to True.
+        noise_eps: jitter width or normal-noise scale (only with those two). Defaults to 1e-2 for jitter,
+            1.0 for normal.
+        renormalize: divide the k weights by their sum (Mixtral). Defaults to True for ``k > 1`` and
+            False for ``k = 1`` (Switch: the weight is the gate probability, through which the router learns
+            from the task loss; renormalised it would always be 1, which warns).
         capacity_factor: if set, each expert takes at most ``expert_capacity(T, E, k, cf)`` assignments
             and the rest are dropped (weight zero, ``kept`` False). Defaults to None (dropless).
         cosine_dim: projection width for the cosine score. Defaults to ``D``.
@@ -113,7 +117,7 @@ class TopKRouter(nn.Module):
         score: str = "softmax",
         noise: Optional[str] = None,
         noise_eps: Optional[float] = None,
-        renormalize: bool = True,
+        renormalize: Optional[bool] = None,
         capacity_factor: Optional[float] = None,
         cosine_dim: Optional[int] = None,
         init_std: Optional[float] = None,
@@ -128,6 +132,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
         check_choice("score", score, SCORE_FUNCTIONS)
         check_choice("noise", noise, NOISE_TYPES)
+        if noise_eps is not None and noise not in ("jitter", "normal"):
+            raise ValueError(f"noise_eps applies to noise='jitter' or 'normal', got noise={noise!r}")
         if noise_eps is None:
             noise_eps = 1e-2 if noise == "jitter" else 1.0
         check_nonnegative("noise_eps", noise_eps)
@@ -135,6 +141,14 @@ class TopKRouter(nn.Module):
             raise ValueError(f"noise_eps for jitter must be in [0, 1), got {noise_eps}")
         if capacity_factor is not None:
             check_positive("capacity_factor", capacity_factor)
+        if init_std is not None:
+            check_nonnegative("init_std", init_std)
+        if renormalize is None:
+            renormalize = k > 1
+        elif renormalize and k == 1:
+            warnings.warn("renormalize=True with k=1 makes every combine weight 1, so the router learns from the "
+                          "auxiliary losses only; leave renormalize unset for Switch-style gating (weight = "
+                          "gate probability)", stacklevel=2)
         self.in_features = in_features
         self.num_experts = num_experts
         self.k = k

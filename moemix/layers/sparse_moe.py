@@ -88,7 +88,7 @@ class SparseMoE(nn.Module):
         score: str = "softmax",
         noise: Optional[str] = None,
         noise_eps: Optional[float] = None,
-        renormalize: bool = True,
+        renormalize: Optional[bool] = None,
         capacity_factor: Optional[float] = None,
         router_init_std: Optional[float] = None,
         aux_loss: Optional[str] = "switch",
@@ -105,6 +105,10 @@ class SparseMoE(nn.Module):
             raise ValueError("norm_layer is not supported inside SparseMoE experts; pass norm_layer=None")
         if use_conv:
             raise ValueError("use_conv=True is not supported by SparseMoE; it works on [..., D] tokens")
+        if shared_hidden_features is not None and shared_expert is None:
+            raise ValueError("shared_hidden_features applies only with a shared_expert ('gated' or 'averaged')")
+        if router_init_std is not None:
+            check_nonnegative("router_init_std", router_init_std)
         hidden_features = in_features if hidden_features is None else hidden_features
         out_features = in_features if out_features is None else out_features
         shared_hidden_features = hidden_features if shared_hidden_features is None else shared_hidden_features

@@ -94,7 +94,7 @@ class ExpertParallelMoE(SparseMoE):
         in_features: int,
         hidden_features: Optional[int] = None,
         out_features: Optional[int] = None,
-        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module]] = nn.GELU,
+        act_layer: Union[str, Type[nn.Module], Callable[[], nn.Module], nn.Module] = nn.GELU,
         norm_layer: Optional[Type[nn.Module]] = None,
         bias: Union[bool, Tuple[bool, bool]] = True,
         drop: Union[float, Tuple[float, float]] = 0.0,

@@ -68,3 +68,13 @@ def test_load_dense_glu_with_one_biased_projection_fills_zeros():
 def test_a_bad_drop_pair_names_its_element():
     with pytest.raises(ValueError, match=r"drop\[1\]"):
         GroupedExperts(2, 8, 16, drop=(0.1, 2.0))
+
+
+def test_sparse_moe_refuses_arguments_without_effect_and_integer_input():
+    from moemix.layers import SparseMoE
+    with pytest.raises(ValueError, match="shared_hidden_features applies only with a shared_expert"):
+        SparseMoE(8, 16, shared_hidden_features=4)
+    with pytest.raises(ValueError, match="router_init_std must be >= 0"):
+        SparseMoE(8, 16, router_init_std=-1.0)
+    with pytest.raises(ValueError, match="SparseMoE expected a floating-point input, got dtype torch.int64"):
+        SparseMoE(8, 16)(torch.ones(3, 8, dtype=torch.long))

@@ -46,7 +46,7 @@ def test_router_runs_in_float32_under_autocast():
 
 @pytest.mark.parametrize("noise", ["jitter", "gumbel", "normal"])
 def test_noise_only_in_training(noise):
-    router = TopKRouter(8, 4, noise=noise, noise_eps=0.5 if noise == "jitter" else 1.0)
+    router = TopKRouter(8, 4, noise=noise, noise_eps={"jitter": 0.5, "normal": 1.0}.get(noise))
     x = torch.randn(64, 8)
     router.eval()
     assert torch.equal(router(x).logits, router(x).logits)
@@ -137,3 +137,24 @@ def test_capacity_decision_counts_its_drops_on_demand():
     assert d.capacity == expert_capacity(40, 4, 2, 0.5)
     assert d.num_dropped == int((~d.kept).sum()) > 0
     assert torch.equal(d.weights == 0, ~d.kept | (d.weights == 0))
+
+
+def test_renormalize_defaults_to_the_papers_and_warns_when_it_would_cut_the_router_off():
+    assert TopKRouter(8, 4, k=2).renormalize and not TopKRouter(8, 4, k=1).renormalize
+    router = TopKRouter(8, 4, k=1)
+    x = torch.randn(16, 8)
+    d = router(x)
+    torch.testing.assert_close(d.weights, d.probs.max(dim=-1, keepdim=True).values)  # Switch: y = p * E(x)
+    with pytest.warns(UserWarning, match="renormalize=True with k=1"):
+        TopKRouter(8, 4, k=1, renormalize=True)
+
+
+def test_arguments_that_would_have_no_effect_or_bad_values_raise():
+    with pytest.raises(ValueError, match="noise_eps applies to noise='jitter' or 'normal'"):
+        TopKRouter(8, 4, noise_eps=0.1)
+    with pytest.raises(ValueError, match="noise_eps applies"):
+        TopKRouter(8, 4, noise="gumbel", noise_eps=0.1)
+    with pytest.raises(ValueError, match="init_std must be >= 0"):
+        TopKRouter(8, 4, init_std=-1.0)
+    with pytest.raises(ValueError, match="floating-point input"):
+        TopKRouter(8, 4)(torch.ones(3, 8, dtype=torch.long))
