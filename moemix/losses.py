@@ -18,6 +18,25 @@ __all__ = ["load_balance_loss", "router_z_loss", "importance_load_loss", "router
            "collect_aux_loss"]
 
 
+def _check_routing(probs: torch.Tensor, indices: torch.Tensor) -> None:
+    if probs.dim() != 2 or indices.dim() != 2 or probs.shape[0] != indices.shape[0]:
+        raise ValueError(f"probs must be [T, E] and indices [T, k] with the same T, got probs "
+                         f"{tuple(probs.shape)} and indices {tuple(indices.shape)}")
+
+
+def _assignment_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, float32 ``[E]``; ids outside ``[0, E)`` raise (the count's length shows
+    a too-large id without waiting for the device; ``bincount`` itself refuses negative ones)."""
+    try:
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
+    except RuntimeError as err:
+        raise ValueError(f"indices must be expert ids in [0, {num_experts}): {err}") from None
+    if counts.shape[0] != num_experts:
+        raise ValueError(f"indices must be expert ids in [0, {num_experts}) (E = probs.shape[-1]), "
+                         f"got id {counts.shape[0] - 1}")
+    return counts.to(torch.float32)
+
+
 def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, *, top1_only: bool = False) -> torch.Tensor:
     """Switch/Mixtral load-balance loss ``E * sum_e f_e * P_e``.
 
@@ -30,11 +49,12 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, *, top1_only: 
         indices: ``[T, k]`` chosen experts (first column = top choice).
         top1_only: count only the first choice. Defaults to False.
     """
+    _check_routing(probs, indices)
     num_experts = probs.shape[-1]
     chosen = indices[:, :1] if top1_only else indices
     if chosen.numel() == 0:
         return probs.new_zeros((), dtype=torch.float32)
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(torch.float32)
+    counts = _assignment_counts(chosen, num_experts)
     fraction = counts / chosen.numel()
     mean_prob = probs.float().mean(0)
     return num_experts * torch.dot(fraction, mean_prob)
@@ -69,13 +89,16 @@ def importance_load_loss(probs: torch.Tensor, indices: torch.Tensor, *,
         indices: ``[T, k]`` chosen experts.
         weights: optional ``[T, k]`` gate values of the chosen experts.
     """
+    _check_routing(probs, indices)
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}")
     num_experts = probs.shape[-1]
+    load = _assignment_counts(indices, num_experts)
     if weights is not None:
         importance = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
         importance = importance.index_add(0, indices.reshape(-1), weights.reshape(-1).float())
     else:
         importance = probs.float().sum(0)
-    load = torch.bincount(indices.reshape(-1), minlength=num_experts).to(torch.float32)
     return cv_squared(importance) + cv_squared(load)
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from moemix.losses import cv_squared, importance_load_loss, load_balance_loss, router_entropy, router_z_loss
@@ -51,3 +52,16 @@ def test_collect_aux_loss_counts_a_compiled_layer_once():
     compiled = torch.compile(moe, backend="eager")
     compiled(torch.randn(6, 8))
     torch.testing.assert_close(collect_aux_loss(compiled), moe.aux_loss)
+
+
+@pytest.mark.parametrize("loss", [load_balance_loss, importance_load_loss])
+def test_routing_losses_check_shapes_and_expert_ids(loss):
+    probs = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="expert ids in \\[0, 3\\).*got id 5"):
+        loss(probs, torch.tensor([[5], [0], [1], [2]]))
+    with pytest.raises(ValueError, match="expert ids in \\[0, 3\\)"):
+        loss(probs, torch.tensor([[-1], [0], [1], [2]]))
+    with pytest.raises(ValueError, match="same T"):
+        loss(probs, torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match="same T"):
+        loss(probs, torch.tensor([0, 1, 2, 0]))
