@@ -1,5 +1,6 @@
-"""The Python examples of the user guides run as written: each guide's ```python blocks are executed in
-order in one fresh interpreter (one namespace), the expert-parallel guide inside a one-rank gloo group.
+"""The Python examples of the README and the user guides run as written: each file's ```python blocks are
+executed in order in one fresh interpreter (one namespace), the expert-parallel guide inside a one-rank
+gloo group.
 A block right after an HTML comment starting ``<!-- not run`` is skipped (it says why)."""
 import os
 import re
@@ -13,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- not run[^\n]*-->\s*\n)?```python\n(.*?)```", re.S)
 
 
-def python_blocks(guide: str) -> list:
-    with open(os.path.join(ROOT, "docs", guide)) as f:
+def python_blocks(path: str) -> list:
+    with open(os.path.join(ROOT, path)) as f:
         return [code for skip, code in BLOCK.findall(f.read()) if not skip]
 
 
@@ -24,11 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("guide", ["layers.md", "parallel.md"])
+@pytest.mark.parametrize("guide", ["README.md", "docs/layers.md", "docs/parallel.md"])
 def test_guide_examples_run(guide, tmp_path):
     pytest.importorskip("timm")
     blocks = python_blocks(guide)
-    assert blocks, f"no python examples found in docs/{guide}"
+    assert blocks, f"no python examples found in {guide}"
     script = tmp_path / "guide.py"
     script.write_text("\n".join(blocks))
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
