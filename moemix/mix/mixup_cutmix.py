@@ -11,6 +11,7 @@ instead of global numpy state, and the mixing record on request.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -19,9 +20,9 @@ from .functional._checks import (check_alpha, check_choice, check_float_tensor, 
                                  check_probability)
 from .functional.boxes import box_fraction, rand_boxes, rand_boxes_minmax
 from .functional.lam import sample_beta
-from .functional.mixing import default_mixed_dims, mix, mix_boxes, mix_per_sample
+from .functional.mixing import mix, mix_boxes, mix_per_sample, normalize_dims
 from .functional.pairing import PAIRINGS, is_involution, pair_indices
-from .functional.targets import mix_targets, soft_targets
+from .functional.targets import batch_targets, mix_targets
 from .record import MixRecord
 
 __all__ = ["MixUpCutMix", "MixUp", "CutMix", "MODES"]
@@ -76,8 +77,8 @@ class MixUpCutMix:
                  off_epoch: int | None = None, dims: Sequence[int] | None = None,
                  return_info: bool = False, generator: torch.Generator | None = None) -> None:
         for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0 (0 turns it off), got {value!r}")
         check_minmax("cutmix_minmax", cutmix_minmax)
         if cutmix_minmax is not None and cutmix_alpha == 0:
             cutmix_alpha = 1.0  # minmax boxes switch CutMix on, as in timm
@@ -150,10 +151,7 @@ class MixUpCutMix:
 
     # -- the transform --------------------------------------------------------------------------------------
     def _labels(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"y must have one label per sample: x has B={x.shape[0]}, y has {y.shape[0]}")
-        return soft_targets(y, self.num_classes, label_smoothing=self.label_smoothing, dtype=x.dtype,
-                            device=x.device)
+        return batch_targets(y, x, self.num_classes, self.label_smoothing)
 
     def _params(self, b: int, sizes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """perm, lam [B], use_box [B], boxes ([1, 2n] batch mode or [B, 2n]), applied."""
@@ -197,11 +195,21 @@ class MixUpCutMix:
         return perm, lam, use_box, boxes, applied
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, attention_mask: torch.Tensor | None = None):
-        """Mix a batch. ``attention_mask`` ``[B, T]`` (sequences) is mixed too and returned in the record."""
+        """Mix a batch. ``attention_mask`` ``[B, T]`` (sequences; needs ``return_info=True``) is mixed too and
+        returned in the record."""
         check_float_tensor("x", x)
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
+        if attention_mask is not None:
+            if not self.return_info:
+                raise ValueError("the mixed attention_mask is returned in the MixRecord: build the mixer with "
+                                 "return_info=True")
+            if attention_mask.shape != x.shape[:2]:
+                raise ValueError(f"attention_mask must be [B, T] = {tuple(x.shape[:2])} for x of shape "
+                                 f"{tuple(x.shape)}, got {tuple(attention_mask.shape)}")
         y_soft = self._labels(y, x)
         b = x.shape[0]
-        dims = tuple(d % x.dim() for d in self.dims) if self.dims is not None else default_mixed_dims(x)
+        dims = normalize_dims(x, self.dims)
         sizes = tuple(x.shape[d] for d in dims)
         if self.enabled:
             perm, lam, use_box, boxes, applied = self._params_checked(b, sizes)
@@ -214,13 +222,15 @@ class MixUpCutMix:
             x_mixed = mix_boxes(x, perm, boxes, dims=dims) if boxes is not None else mix(x, lam, perm)
         else:
             x_mixed = mix_per_sample(x, perm, lam, boxes, use_box, dims=dims)
-        label_lam = lam if self.label_lam_fn is None or not applied else self.label_lam_fn(lam.clone())
+        label_lam = lam
+        if self.label_lam_fn is not None and applied:  # rows left unmixed (lam = 1) keep their own label
+            label_lam = torch.where(lam < 1, torch.as_tensor(self.label_lam_fn(lam.clone()), dtype=lam.dtype), lam)
         y_mixed = mix_targets(y_soft, label_lam, perm) if applied else y_soft
         record = MixRecord(lam=lam, perm=perm, label_lam=torch.as_tensor(label_lam), use_box=use_box, boxes=boxes,
                            targets=y_soft, dims=dims, sizes=sizes, applied=applied)
-        if attention_mask is not None:
-            record.attention_mask = record.apply(attention_mask.bool() if attention_mask.dtype != torch.bool
-                                                 else attention_mask) if applied else attention_mask
+        if attention_mask is not None:  # returned in the mask's own dtype
+            record.attention_mask = record.apply(attention_mask.bool()).to(attention_mask.dtype) if applied \
+                else attention_mask
         if self.return_info:
             return x_mixed, y_mixed, record
         return x_mixed, y_mixed

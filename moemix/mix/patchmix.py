@@ -17,7 +17,7 @@ from .functional._checks import check_choice, check_float_tensor, check_positive
 from .functional.mixing import default_mixed_dims, mix
 from .functional.pairing import PAIRINGS, pair_indices
 from .functional.patches import grid_to_pixels, patch_masks
-from .functional.targets import mix_targets, soft_targets
+from .functional.targets import batch_targets, mix_targets
 from .record import MixRecord
 
 __all__ = ["PatchMix"]
@@ -87,10 +87,7 @@ class PatchMix:
         if sizes[0] < self.grid[0] or sizes[1] < self.grid[1]:
             raise ValueError(f"image of size {sizes} is smaller than the patch grid {self.grid}: each grid cell "
                              "needs at least one pixel")
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"y must have one label per sample: x has B={x.shape[0]}, y has {y.shape[0]}")
-        y_soft = soft_targets(y, self.num_classes, label_smoothing=self.label_smoothing, dtype=x.dtype,
-                              device=x.device)
+        y_soft = batch_targets(y, x, self.num_classes, self.label_smoothing)
         b = x.shape[0]
         perm = pair_indices(b, self.pairing, generator=self.generator).cpu()
         if self.ratio is not None:

@@ -169,3 +169,68 @@ def test_record_apply_mixes_segmentation_maps_with_boxes():
     out = rec.apply(seg)
     paste = rec.paste_mask()
     assert torch.equal(out[paste], seg[rec.perm][paste]) and torch.equal(out[~paste], seg[~paste])
+
+
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_dims_in_any_order_paste_the_box_the_label_describes(mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(5, dtype=torch.float64).view(5, 1, 1, 1).expand(5, 3, 9, 13).clone()
+    y = torch.arange(5)
+    for dims in [(-1, -2), (3, 2)]:
+        xm, ym, record = CutMix(1.0, num_classes=7, mode=mode, dims=dims, return_info=True, generator=g)(x, y)
+        own_share = (xm == x).double().mean(dim=(1, 2, 3))  # samples differ, so a pasted pixel is never "own"
+        mixed = record.perm != torch.arange(5)
+        torch.testing.assert_close(own_share[mixed], ym[mixed, y[mixed]])
+
+
+@pytest.mark.parametrize("dims", [(5,), (-5,), (0,), (2, 2)])
+def test_dims_outside_the_input_or_repeated_raise(dims):
+    with pytest.raises(ValueError, match="dims must"):
+        CutMix(1.0, num_classes=3, dims=dims)(torch.rand(4, 3, 8, 8), torch.arange(4) % 3)
+
+
+def test_label_lam_fn_leaves_unmixed_samples_their_own_label():
+    mixer = MixUp(1.0, mode="elem", prob=0.5, num_classes=5, label_lam_fn=lambda lam: torch.full_like(lam, 0.5),
+                  return_info=True, generator=torch.Generator().manual_seed(3))
+    x, y = torch.rand(8, 4), torch.arange(8) % 5
+    _, y_soft, record = mixer(x, y)
+    unmixed = record.lam == 1
+    assert unmixed.any() and (~unmixed).any()
+    assert torch.equal(y_soft[unmixed].argmax(1), y[unmixed]) and (y_soft[unmixed].max(1).values == 1).all()
+    assert torch.allclose(record.label_lam[~unmixed], torch.tensor(0.5))
+
+
+def test_attention_mask_needs_the_record_and_its_shape_is_checked():
+    h, y = torch.rand(4, 6, 8), torch.arange(4) % 5
+    with pytest.raises(ValueError, match="return_info=True"):
+        MixUp(1.0, num_classes=5)(h, y, attention_mask=torch.ones(4, 6))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \(4, 6\)"):
+        MixUp(1.0, num_classes=5, return_info=True)(h, y, attention_mask=torch.ones(4, 7))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    _, _, record = CutMix(1.0, num_classes=5, return_info=True)(h, y, attention_mask=mask)
+    assert record.attention_mask.dtype == torch.long
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_targets_stay_float32_for_low_precision_inputs(dtype):
+    x, y = torch.rand(4, 3, 8, 8, dtype=dtype), torch.arange(4)
+    _, y_soft = MixUpCutMix(0.8, 1.0, num_classes=1000, label_smoothing=0.1)(x, y)
+    assert y_soft.dtype == torch.float32
+    torch.testing.assert_close(y_soft.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -1.0])
+def test_non_finite_alphas_raise_at_construction(alpha):
+    with pytest.raises(ValueError, match="mixup_alpha must be a finite number >= 0"):
+        MixUpCutMix(mixup_alpha=alpha, cutmix_alpha=1.0, num_classes=3)
+
+
+def test_bad_labels_and_empty_batches_say_what_is_expected():
+    mixer = MixUp(1.0, num_classes=3)
+    with pytest.raises(ValueError, match="y must be a torch.Tensor"):
+        mixer(torch.rand(2, 4), [0, 1])
+    with pytest.raises(ValueError, match=r"index labels y must have shape \[B\]"):
+        mixer(torch.rand(2, 4), torch.tensor(1))
+    with pytest.raises(ValueError, match="x must hold at least one sample"):
+        mixer(torch.rand(0, 4), torch.zeros(0, dtype=torch.long))

@@ -20,7 +20,7 @@ import torch
 
 from .boxes import boxes_to_mask
 
-__all__ = ["default_mixed_dims", "mix", "mix_boxes", "mix_per_sample", "mix_attention_mask"]
+__all__ = ["default_mixed_dims", "normalize_dims", "mix", "mix_boxes", "mix_per_sample", "mix_attention_mask"]
 
 
 def default_mixed_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -28,11 +28,21 @@ def default_mixed_dims(x: torch.Tensor) -> tuple[int, ...]:
     return (x.dim() - 2, x.dim() - 1) if x.dim() >= 4 else (1,)
 
 
-def _norm_dims(x: torch.Tensor, dims: Sequence[int] | None) -> tuple[int, ...]:
-    dims = default_mixed_dims(x) if dims is None else tuple(d % x.dim() for d in dims)
-    if 0 in dims:
-        raise ValueError(f"dims must not include the batch dim 0, got {dims}")
-    return tuple(sorted(dims))
+def normalize_dims(x: torch.Tensor, dims: Sequence[int] | None) -> tuple[int, ...]:
+    """The mixed dims of ``x`` as ascending non-negative ints (``default_mixed_dims`` for None); boxes and
+    sizes are always listed in this order. Raises for a dim outside ``x``, the batch dim or a repeat."""
+    if dims is None:
+        return default_mixed_dims(x)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < x.dim():
+            raise ValueError(f"dims must be dims of the {x.dim()}-d input, in [{-x.dim()}, {x.dim()}), got {tuple(dims)}")
+    norm = tuple(sorted(d % x.dim() for d in dims))
+    if 0 in norm:
+        raise ValueError(f"dims must not include the batch dim 0, got {tuple(dims)}")
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"dims must not repeat a dim, got {tuple(dims)}")
+    return norm
+
 
 
 def _row_loop(x: torch.Tensor) -> bool:
@@ -61,7 +71,7 @@ def mix(x: torch.Tensor, lam: torch.Tensor | float | None, perm: torch.Tensor, m
     b = x.shape[0]
     idx = perm.to(x.device)
     if mask is not None:
-        dims = _norm_dims(x, dims)
+        dims = normalize_dims(x, dims)
         sizes = [x.shape[d] for d in dims]
         if mask.dim() == len(dims):
             mask = mask.unsqueeze(0).expand(b, *sizes)
@@ -87,7 +97,7 @@ def mix_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor, *,
 
     Copies only the box regions of the partners, on top of one copy of ``x``.
     """
-    dims = _norm_dims(x, dims)
+    dims = normalize_dims(x, dims)
     out = x.clone()
     idx = perm.to(x.device)
     bx = boxes.tolist()
@@ -138,7 +148,7 @@ def mix_per_sample(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, boxes
     """
     if boxes is None or use_box is None or not bool(use_box.any()):
         return mix(x, lam, perm)
-    dims = _norm_dims(x, dims)
+    dims = normalize_dims(x, dims)
     if not _row_loop(x):
         lam_rows = torch.where(use_box.to(lam.device), torch.ones_like(lam), lam)
         out = mix(x, lam_rows, perm)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["soft_targets", "mix_targets"]
+__all__ = ["soft_targets", "mix_targets", "batch_targets"]
 
 
 def soft_targets(y: torch.Tensor, num_classes: int | None = None, *, label_smoothing: float = 0.0,
@@ -55,3 +55,13 @@ def mix_targets(y_soft: torch.Tensor, lam: torch.Tensor | float, perm: torch.Ten
     if lam_t.dim() == 1:
         lam_t = lam_t.unsqueeze(1)
     return torch.lerp(y_soft[perm.to(y_soft.device)], y_soft, lam_t)
+
+
+def batch_targets(y: torch.Tensor, x: torch.Tensor, num_classes: int | None, label_smoothing: float) -> torch.Tensor:
+    """:func:`soft_targets` for the batch ``x``: one label per sample, on ``x``'s device, float32 at least
+    (bf16/fp16 inputs would round the targets; timm's are float32)."""
+    y_soft = soft_targets(y, num_classes, label_smoothing=label_smoothing,
+                          dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    if y_soft.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have one label per sample: x has B={x.shape[0]}, y has {y_soft.shape[0]}")
+    return y_soft
