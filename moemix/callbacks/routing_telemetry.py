@@ -48,16 +48,20 @@ class RoutingTelemetry(L.Callback):
         self.log_image = log_image
         self._counts: Dict[str, torch.Tensor] = {}
         self._dropped: Dict[str, int] = {}
+        self._before: Dict[str, Optional[torch.Tensor]] = {}  # each layer's record before the training step
         self.last_loads: Optional[torch.Tensor] = None
         self.layer_names: List[str] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._counts, self._dropped = {}, {}
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = {name: layer.tokens_per_expert for name, layer in moe_layers(pl_module).items()}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         for name, layer in moe_layers(pl_module).items():
             counts = layer.tokens_per_expert
-            if counts is None:
+            if counts is None or counts is self._before.get(name):  # the layer did not run in this step (an EMA copy)
                 continue
             counts = counts.detach().to(torch.float64)  # stays on the device: no sync per batch
             self._counts[name] = self._counts.get(name, 0) + counts

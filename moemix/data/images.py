@@ -25,7 +25,8 @@ def load_digits_tensors(img_size: int, seed: int = 0, val_fraction: float = 0.15
     """scikit-learn digits as ``([N, 3, S, S] float normalised to [-1, 1], [N] int64)`` per split.
 
     Returns a dict ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; the split is stratified per
-    class and fixed by ``seed``.
+    class and fixed by ``seed``; the validation and test samples are in a fixed random order (classes
+    interleaved, so every evaluation batch holds all of them).
     """
     from sklearn.datasets import load_digits
 
@@ -43,7 +44,10 @@ def load_digits_tensors(img_size: int, seed: int = 0, val_fraction: float = 0.15
         parts["val"].append(idx[:n_val])
         parts["test"].append(idx[n_val:n_val + n_test])
         parts["train"].append(idx[n_val + n_test:])
-    return {name: (x[torch.cat(ids)], y[torch.cat(ids)]) for name, ids in parts.items()}
+    splits = {name: torch.cat(ids) for name, ids in parts.items()}
+    for name in ("val", "test"):  # classes interleaved, so any batch (or --limit_val_batches) sees all of them
+        splits[name] = splits[name][torch.randperm(splits[name].numel(), generator=g)]
+    return {name: (x[ids], y[ids]) for name, ids in splits.items()}
 
 
 def _cifar_dir(root: str) -> Optional[str]:

@@ -58,6 +58,26 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, moe_every, num_experts, moe_k,
+                           moe_aux_loss_coef) -> None:
+    """Raise naming the ``--model.*`` option for values the optimiser or the MoE layers cannot use."""
+    problems = [
+        ("lr", lr, not lr > 0, "> 0"),
+        ("weight_decay", weight_decay, not weight_decay >= 0, ">= 0"),
+        ("warmup_epochs", warmup_epochs, not (isinstance(warmup_epochs, int) and warmup_epochs >= 0), "an int >= 0"),
+        ("min_lr_factor", min_lr_factor, not 0 <= min_lr_factor <= 1, "in [0, 1]"),
+        ("moe_every", moe_every, moe_every is not None and not (isinstance(moe_every, int) and moe_every >= 1),
+         "an int >= 1 or null"),
+        ("num_experts", num_experts, not (isinstance(num_experts, int) and num_experts >= 1), "an int >= 1"),
+        ("moe_k", moe_k, not (isinstance(moe_k, int) and 1 <= moe_k <= num_experts),
+         f"an int in [1, model.num_experts={num_experts}]"),
+        ("moe_aux_loss_coef", moe_aux_loss_coef, not moe_aux_loss_coef >= 0, ">= 0"),
+    ]
+    for name, value, bad, expected in problems:
+        if bad:
+            raise ValueError(f"model.{name} must be {expected}, got {value!r}")
+
+
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-soft_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
@@ -98,12 +118,18 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        _check_hyperparameters(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                               min_lr_factor=min_lr_factor, moe_every=moe_every, num_experts=num_experts, moe_k=moe_k,
+                               moe_aux_loss_coef=moe_aux_loss_coef)
         self.model = self.build_model(timm, model_name, dict(model_kwargs or {}), num_classes, img_size)
         self.moe_block_names = []
         if moe_every is not None or moe_blocks is not None:
-            self.moe_block_names = replace_mlp_with_moe(self.model, every=moe_every, blocks=moe_blocks,
-                                                        num_experts=num_experts, k=moe_k,
-                                                        aux_loss_coef=moe_aux_loss_coef)
+            try:
+                self.moe_block_names = replace_mlp_with_moe(self.model, every=moe_every, blocks=moe_blocks,
+                                                            num_experts=num_experts, k=moe_k,
+                                                            aux_loss_coef=moe_aux_loss_coef)
+            except ValueError as err:
+                raise ValueError(f"model.moe_every={moe_every}, model.moe_blocks={moe_blocks}: {err}") from None
         self.ema = None
         if ema_decay is not None:
             self.ema = torch.optim.swa_utils.AveragedModel(
@@ -157,7 +183,8 @@ class ImageClassifier(L.LightningModule):
         logits = self.eval_model()(x)
         loss = F.cross_entropy(logits.float(), y)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, on_epoch=True, batch_size=x.shape[0])
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, on_epoch=True, batch_size=x.shape[0],
+                      sync_dist=True)  # over all ranks' samples under DDP
         return loss
 
     def validation_step(self, batch, batch_idx: int):

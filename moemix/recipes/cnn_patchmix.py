@@ -101,7 +101,10 @@ class CNNPatchMix(ImageClassifier):
         return loss
 
     def on_test_epoch_end(self) -> None:
-        accuracy = {key: c / max(n, 1.0) for key, (c, n) in self._occlusion.items()}
+        counts = {key: self.trainer.strategy.reduce(torch.tensor(totals, dtype=torch.float64, device=self.device),
+                                                    reduce_op="sum").tolist()
+                  for key, totals in self._occlusion.items()}  # all ranks' test samples under DDP
+        accuracy = {key: c / max(n, 1.0) for key, (c, n) in counts.items()}
         self.log_dict({f"test/occlusion_{key}": value for key, value in accuracy.items()})
         self.occlusion_accuracy = accuracy
         from moemix.callbacks.routing_telemetry import tensorboard_writer

@@ -4,7 +4,7 @@
     python -m moemix.recipes.vit_transmix fit --config configs/vit_transmix.yaml
     python -m moemix.recipes.vit_transmix fit --model.moe_every 2    # V-MoE style MoE blocks
     python -m moemix.recipes.vit_transmix fit --data.root /data/cifar10 --trainer.accelerator gpu
-    python -m moemix.recipes.vit_transmix --print_config
+    python -m moemix.recipes.vit_transmix fit --print_config
 
 TransMix (Chen et al., CVPR 2022): the CutMix batches' targets are re-weighted by the last block's class
 attention on the pasted region, ``lam = (lam_area + lam_attn) / 2`` (see :mod:`moemix.mix.transmix`).

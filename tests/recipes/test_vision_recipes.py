@@ -102,6 +102,53 @@ def test_bad_config_names_the_option(args, option, tmp_path):
         run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model.moe_every", "-1"], r"model\.moe_every must be an int >= 1"),
+    (["--model.moe_every", "2", "--model.num_experts", "2", "--model.moe_k", "3"],
+     r"model\.moe_k must be an int in \[1, model\.num_experts=2\]"),
+    (["--model.moe_every", "40"], r"model\.moe_every=40.*matched no module"),
+    (["--model.warmup_epochs", "-1"], r"model\.warmup_epochs must be an int >= 0"),
+    (["--model.weight_decay", "-1"], r"model\.weight_decay must be >= 0"),
+])
+def test_bad_optimiser_and_moe_values_name_the_option(args, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
+
+
+def test_checkpointing_can_be_turned_off_and_predict_writes_probabilities(tmp_path):
+    run("cnn_patchmix", tmp_path, "fit", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+        *tiny())
+    assert not glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+    run("cnn_patchmix", tmp_path / "ck", "fit", "--trainer.max_epochs", "1", *tiny())
+    ckpt = glob.glob(str(tmp_path / "ck" / "**" / "last.ckpt"), recursive=True)[0]
+    cli = run("cnn_patchmix", tmp_path / "pred", "predict", "--ckpt_path", ckpt)
+    from moemix.recipes._cli import ProbabilitiesWriter
+
+    (writer,) = [c for c in cli.trainer.callbacks if isinstance(c, ProbabilitiesWriter)]
+    probs = torch.load(writer.path)
+    assert probs.shape == (len(cli.datamodule.datasets["test"]), 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(probs.shape[0]))
+
+
+def test_routing_telemetry_counts_only_layers_that_trained(tmp_path):
+    from moemix.callbacks import RoutingTelemetry
+
+    cli = run("vit_transmix", tmp_path, "fit", "--trainer.max_epochs", "2", "--model.moe_every", "2",
+              "--model.ema_decay", "0.9", *tiny())
+    (telemetry,) = [c for c in cli.trainer.callbacks if isinstance(c, RoutingTelemetry)]
+    assert telemetry.layer_names == ["model.blocks.1.mlp", "model.blocks.3.mlp"]  # not the EMA copy's
+
+
+def test_digits_evaluation_batches_hold_every_class():
+    from moemix.data.images import load_digits_tensors
+
+    splits = load_digits_tensors(8)
+    for name in ("val", "test"):
+        y = splits[name][1]
+        assert len(set(y[:64].tolist())) == 10, name
+    assert torch.equal(load_digits_tensors(8)["test"][1], splits["test"][1])  # a fixed order
+
+
 def test_data_root_with_wrong_layout(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match=r"data\.root"):
