@@ -2,6 +2,7 @@
 
     bash recipes/vision.sh                 # 3 seeds, the recipes' default epochs
     EPOCHS=15 SEEDS="0 1 2" bash recipes/vision.sh
+    bash recipes/vision.sh --families cnn  # rerun the CNN runs only; the ViT runs come from --json
 
 ViT (TransMix recipe): no mixing, MixUp, CutMix, MixUp+CutMix, MixUp+CutMix+TransMix.
 CNN (Patch Mixing recipe): Patch Mixing vs CutMix, with the occlusion curve (patches replaced by other
@@ -57,6 +58,8 @@ def main():
     p.add_argument("--out", default="docs/results/vision.md")
     p.add_argument("--json", default="docs/results/vision.json")
     p.add_argument("--from-json", default=None, help="only rewrite the markdown from a saved JSON")
+    p.add_argument("--families", default="vit cnn",
+                   help="families to run; the other families' runs are read from --json (same seeds and epochs)")
     args = p.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -65,11 +68,21 @@ def main():
         return write_markdown(saved["runs"], saved["seeds"], args)
     seeds = [int(s) for s in args.seeds.split()]
     epochs = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
+    families = args.families.split()
     runs = {"vit": {}, "cnn": {}}
+    if set(runs) - set(families):
+        with open(args.json) as f:
+            saved = json.load(f)
+        if saved["seeds"] != seeds or saved["epochs"] != args.epochs:
+            raise ValueError(f"{args.json} has seeds {saved['seeds']} and epochs {saved['epochs']}; "
+                             f"rerun every family for seeds {seeds} and epochs {args.epochs}")
+        runs.update({family: saved["runs"][family] for family in set(runs) - set(families)})
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for family, cli_main, variants in (("vit", vit_transmix.cli_main, VIT_VARIANTS),
                                            ("cnn", cnn_patchmix.cli_main, CNN_VARIANTS)):
+            if family not in families:
+                continue
             for name, extra in variants.items():
                 for seed in seeds:
                     workdir = os.path.join(tmp, family, name.replace("+", "_").replace(" ", "_"), str(seed))
