@@ -1,7 +1,6 @@
 """Swap dense feed-forward blocks of an existing model for :class:`SparseMoE` layers."""
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from typing import List, Optional, Sequence, Union
@@ -112,7 +111,7 @@ def replace_mlp_with_moe(
             fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
         except ValueError as err:
             raise ValueError(f"cannot convert {name!r}: {err}") from None
-        kwargs = dict(act_layer=lambda act=act: copy.deepcopy(act), bias=(fc1.bias is not None, fc2.bias is not None),
+        kwargs = dict(act_layer=act, bias=(fc1.bias is not None, fc2.bias is not None),
                       drop=drop, glu=fc1_up is not None)
         kwargs.update(moe_kwargs)
         moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **kwargs,

@@ -59,8 +59,8 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
 
 
 def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, moe_every, num_experts, moe_k,
-                           moe_aux_loss_coef) -> None:
-    """Raise naming the ``--model.*`` option for values the optimiser or the MoE layers cannot use."""
+                           moe_aux_loss_coef, with_moe: bool) -> None:
+    """Raise naming the ``--model.*`` option for values the optimiser or (``with_moe``) the MoE layers cannot use."""
     problems = [
         ("lr", lr, not lr > 0, "> 0"),
         ("weight_decay", weight_decay, not weight_decay >= 0, ">= 0"),
@@ -68,11 +68,14 @@ def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, mo
         ("min_lr_factor", min_lr_factor, not 0 <= min_lr_factor <= 1, "in [0, 1]"),
         ("moe_every", moe_every, moe_every is not None and not (isinstance(moe_every, int) and moe_every >= 1),
          "an int >= 1 or null"),
-        ("num_experts", num_experts, not (isinstance(num_experts, int) and num_experts >= 1), "an int >= 1"),
-        ("moe_k", moe_k, not (isinstance(moe_k, int) and 1 <= moe_k <= num_experts),
-         f"an int in [1, model.num_experts={num_experts}]"),
-        ("moe_aux_loss_coef", moe_aux_loss_coef, not moe_aux_loss_coef >= 0, ">= 0"),
     ]
+    if with_moe:
+        problems += [
+            ("num_experts", num_experts, not (isinstance(num_experts, int) and num_experts >= 1), "an int >= 1"),
+            ("moe_k", moe_k, not (isinstance(moe_k, int) and 1 <= moe_k <= num_experts),
+             f"an int in [1, model.num_experts={num_experts}]"),
+            ("moe_aux_loss_coef", moe_aux_loss_coef, not moe_aux_loss_coef >= 0, ">= 0"),
+        ]
     for name, value, bad, expected in problems:
         if bad:
             raise ValueError(f"model.{name} must be {expected}, got {value!r}")
@@ -120,7 +123,8 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
         _check_hyperparameters(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                                min_lr_factor=min_lr_factor, moe_every=moe_every, num_experts=num_experts, moe_k=moe_k,
-                               moe_aux_loss_coef=moe_aux_loss_coef)
+                               moe_aux_loss_coef=moe_aux_loss_coef,
+                               with_moe=moe_every is not None or moe_blocks is not None)
         self.model = self.build_model(timm, model_name, dict(model_kwargs or {}), num_classes, img_size)
         self.moe_block_names = []
         if moe_every is not None or moe_blocks is not None:

@@ -1,9 +1,8 @@
 """The LightningCLI every vision recipe runs: data, trainer defaults, linked arguments, final metrics."""
 from __future__ import annotations
 
-from typing import Optional, Type
-
 import os
+from typing import Optional, Type
 
 import lightning as L
 import torch

@@ -115,6 +115,14 @@ def test_bad_optimiser_and_moe_values_name_the_option(args, message, tmp_path):
         run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
 
 
+def test_moe_options_are_checked_only_with_moe_blocks():
+    from moemix.recipes.vit_transmix import ViTTransMix
+
+    ViTTransMix(num_experts=1)  # no MoE blocks: the default moe_k=2 is not used
+    with pytest.raises(ValueError, match=r"model\.moe_k must be an int in \[1, model\.num_experts=1\]"):
+        ViTTransMix(num_experts=1, moe_every=2)
+
+
 def test_checkpointing_can_be_turned_off_and_predict_writes_probabilities(tmp_path):
     run("cnn_patchmix", tmp_path, "fit", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
         *tiny())

@@ -44,7 +44,6 @@ def normalize_dims(x: torch.Tensor, dims: Sequence[int] | None) -> tuple[int, ..
     return norm
 
 
-
 def _row_loop(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
