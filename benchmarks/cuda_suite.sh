@@ -19,7 +19,9 @@
 #     curl -sO $base/f6/ae/eeb2c3bd17fa94ed36530d53a8c06acf2f75a14f8f12aa701f6cf2504203/stanford_stk-0.7.1.tar.gz
 # Without SDIST_DIR the bfloat16 run uses whatever megablocks is importable, if any (the benchmark
 # notes why it was skipped). The build runs while the tests do, and is waited for before timing; it is
-# given BUILD_TIMEOUT seconds (300), after which the bfloat16 run goes on without megablocks.
+# given BUILD_TIMEOUT seconds (300), after which the bfloat16 run goes on without megablocks. The float32 layer
+# benchmark and the grouped_mm benchmark need no peer and run during the build, which is left 4 of the cores
+# (MAX_JOBS).
 #
 # Files in OUT_DIR: summary.txt, tests.log, build.log; per dtype (float32, bfloat16) cuda_DTYPE.json and
 # bench_DTYPE.log (the layer benchmark), grouped_mm_DTYPE.json/.md/.log. The exit status is that of the
@@ -45,7 +47,7 @@ if [ -n "$SDIST_DIR" ]; then
     arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     nvcc_path=$(readlink -f "$(command -v nvcc)" 2>/dev/null || true)
     (
-        export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+        export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(( $(nproc) > 8 ? $(nproc) - 4 : 4 ))}"
         [ -n "${CUDA_HOME:-}" ] || [ -z "$nvcc_path" ] || export CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")
         src=$(mktemp -d)
         for name in stanford_stk grouped_gemm megablocks; do tar xzf "$SDIST_DIR/$name"-*.tar.gz -C "$src"; done
@@ -67,12 +69,33 @@ PATCH
     build_pid=$!
 fi
 
+# The layer benchmark in one dtype, with extra entries on PYTHONPATH (the peers' site) when given.
+layer_benchmark() {
+    local dtype=$1 site=${2:-}
+    PYTHONPATH="$PYTHONPATH${site:+:$site}" "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype "$dtype" \
+        --quick --layouts loop,sorted,padded,grouped_mm --json "$OUT_DIR/cuda_$dtype.json" \
+        > "$OUT_DIR/bench_$dtype.log" 2>&1
+    local rc=$?
+    say "benchmark $dtype: exit $rc"
+    [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/bench_$dtype.log"; }
+}
+
 # The test files that exercise the GPU (each skips without one); NCCL runs on up to 2 GPUs.
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_cuda.py tests/mix/test_cuda.py \
     tests/parallel/test_nccl.py 2>&1 | tee "$OUT_DIR/tests.log" | tail -n 5
 rc=${PIPESTATUS[0]}
 say "tests: exit $rc"
 [ "$rc" -eq 0 ] || status=$rc
+
+# What needs no peer build is timed while the build goes on (the build leaves 4 cores free).
+layer_benchmark float32
+for dtype in float32 bfloat16; do
+    "$PYTHON" benchmarks/grouped_mm.py --device cuda --dtype "$dtype" --json "$OUT_DIR/grouped_mm_$dtype.json" \
+        --markdown "$OUT_DIR/grouped_mm_$dtype.md" > "$OUT_DIR/grouped_mm_$dtype.log" 2>&1
+    rc=$?
+    say "grouped_mm $dtype: exit $rc"
+    [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/grouped_mm_$dtype.log"; }
+done
 
 if [ -n "$build_pid" ]; then
     wait "$build_pid"
@@ -84,22 +107,6 @@ if [ -n "$build_pid" ]; then
     fi
 fi
 
-for dtype in float32 bfloat16; do
-    site=""
-    [ "$dtype" = bfloat16 ] && site=$PEERS_SITE
-    PYTHONPATH="$PYTHONPATH${site:+:$site}" "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype "$dtype" \
-        --quick --layouts loop,sorted,padded --json "$OUT_DIR/cuda_$dtype.json" \
-        > "$OUT_DIR/bench_$dtype.log" 2>&1
-    rc=$?
-    say "benchmark $dtype: exit $rc"
-    [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/bench_$dtype.log"; }
-done
-for dtype in float32 bfloat16; do
-    "$PYTHON" benchmarks/grouped_mm.py --device cuda --dtype "$dtype" --json "$OUT_DIR/grouped_mm_$dtype.json" \
-        --markdown "$OUT_DIR/grouped_mm_$dtype.md" > "$OUT_DIR/grouped_mm_$dtype.log" 2>&1
-    rc=$?
-    say "grouped_mm $dtype: exit $rc"
-    [ "$rc" -eq 0 ] || { status=$rc; tail -n 20 "$OUT_DIR/grouped_mm_$dtype.log"; }
-done
+layer_benchmark bfloat16 "$PEERS_SITE"
 grep -h -A 12 '^| case' "$OUT_DIR"/bench_*.log "$OUT_DIR"/grouped_mm_*.md
 exit "$status"

@@ -11,7 +11,8 @@ top-k, renormalised):
 * ``moemix``: ``SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k)`` with its
   default auxiliary losses (Switch load-balance + router z-loss) computed in the forward pass as the
   layer always does; only ``output.sum()`` is back-propagated. ``--layouts`` adds the same layer with
-  one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``) and
+  one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``,
+  ``moemix:grouped_mm``) and
   ``moemix:loop_serial``, the fused loop with its CPU worker threads off, and ``moemix:loop_workers``,
   the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`),
   ``moemix:loop_blas``, the fused loop with its CPU products in ``torch.mm`` where the default
@@ -600,10 +601,10 @@ def main(argv=None):
     p.add_argument("--capacity-factor", type=float, default=1.25, help="GShard capacity factor (default 1.25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
-                   f"e.g. loop,sorted,padded (the data behind the 'auto' rule); {SERIAL_LOOP} is the fused loop "
-                   f"without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads whatever "
-                   f"their size rules say (the data behind those rules), {UNCHUNKED_LOOP} the fused loop with "
-                        "every expert a chunk of its own, {BLAS_LOOP} the fused loop with its "
+                   f"e.g. loop,sorted,padded,grouped_mm (the data behind the 'auto' rule); {SERIAL_LOOP} is the "
+                   f"fused loop without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads "
+                   f"whatever their size rules say (the data behind those rules), {UNCHUNKED_LOOP} the fused loop "
+                   f"with every expert a chunk of its own, {BLAS_LOOP} the fused loop with its "
                    "CPU products in torch.mm instead of oneDNN (moemix.layers.cpu_gemm)")
     p.add_argument("--allocator", choices=("default", "reuse"), default="default",
                    help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "

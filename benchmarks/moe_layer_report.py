@@ -6,9 +6,12 @@
     python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
         --json workers.json
     python benchmarks/row_buffers.py --json row_buffers.json
-    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda.json cuda_bf16.json ...] \
+    python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda_float32.json cuda_bfloat16.json ...] \
         [--workers workers.json] [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] \
         > docs/results/moe_layer.md
+
+The CUDA runs come from ``bash benchmarks/cuda_suite.sh OUT_DIR SDIST_DIR`` (``OUT_DIR/cuda_float32.json``,
+``OUT_DIR/cuda_bfloat16.json``).
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
 ``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
@@ -231,11 +234,17 @@ def main():
                        row_buffers_table(rows))
     for path in args.cuda:
         cuda = load_json(path)
-        intro = "The targets above are for 2 CPU cores; none is set for CUDA."
+        intro = ("The targets above are for 2 CPU cores; none is set for CUDA. `benchmarks/cuda_suite.sh` times "
+                 "float32 while the megablocks peer builds on all but 4 of the machine's cores, and bfloat16 after "
+                 "the build.")
         if any("megablocks" in cuda[k]["ms"] for k in cuda if k != "meta"):
             intro += " `vs_megablocks` is megablocks time / moemix time (higher is better)."
+        memory = memory_table(cuda)
+        if memory:
+            memory = ["", "Peak memory of one step beyond what was allocated before it (`max_memory_allocated`, "
+                      "balanced routing):", ""] + memory
         out += section(f"CUDA, {cuda['meta'].get('dtype', 'float32')}", cuda, intro,
-                       table(cuda, targets=None) + skipped_notes(cuda))
+                       table(cuda, targets=None) + skipped_notes(cuda) + memory)
     print("\n".join(out))
 
 

@@ -13,6 +13,9 @@ host sync for the per-expert counts). Three strategies then run the experts:
   experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest on CPU when experts
   get few rows each and little work per call (small batches of small experts) and routing is not too
   skewed.
+- ``"grouped_mm"``: the sorted buffer, with every expert's slice in one
+  :func:`torch.nn.functional.grouped_mm` call (float32, bfloat16 or float16; the slice ends go to the kernel
+  as a device tensor, so the GEMMs need no host counts). Opt-in: ``"auto"`` does not pick it.
 
 ``"auto"`` picks per call with :func:`choose_layout` (rules from ``benchmarks/moe_layer.py``). For the
 buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
@@ -38,7 +41,8 @@ from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool, take_or
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
 
-LAYOUTS = ("auto", "loop", "sorted", "padded")
+LAYOUTS = ("auto", "loop", "sorted", "padded", "grouped_mm")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded and benchmarks/dispatch_rule.py
 # (a sweep of expert sizes and rows per expert; table in docs/results/dispatch_rule.md) on 2 CPU cores:
 # the fused per-expert loop wins when an expert has many rows or enough work for its per-call overhead
@@ -49,10 +53,11 @@ LAYOUTS = ("auto", "loop", "sorted", "padded")
 PADDED_MAX_MEAN_ROWS = 128
 LOOP_MIN_EXPERT_MACS = 2e7
 PADDED_MAX_WASTE = 1.5
-# On CUDA (H200, one --quick run of benchmarks/moe_layer.py --device cuda, CUDA table of
-# docs/results/moe_layer.md) the batched GEMM won or tied at every configuration, skewed routing included
-# (up to 4x padding), except `coarse_skewed` (1024 rows per expert), where the sorted slices took 5.33 ms
-# against its 6.20; beyond that padding the sorted slices bound the memory.
+# On CUDA (H200, torch 2.11, benchmarks/cuda_suite.sh: --quick runs in float32 and bfloat16, CUDA tables of
+# docs/results/moe_layer.md) the batched GEMM beat the sorted slices at every configuration, skewed routing
+# included (up to 4x padding), except `coarse_skewed` (1024 rows per expert) in float32, where the sorted slices
+# took 6.07 ms against its 6.85 (bfloat16: 5.17 against 4.81; an earlier float32 run, `git show
+# e561b56:docs/results/moe_layer.md`, had 5.33 against 6.20); beyond that padding the sorted slices bound the memory.
 PADDED_MAX_WASTE_CUDA = 4.0
 
 
@@ -71,6 +76,8 @@ class DispatchPlan:
         row_assignment: ``[R]`` flat assignment held by each row; ``N`` for padding / dropped rows.
         capacity: rows per expert ``C`` in the padded layout, None in the sorted layout.
         num_dropped: assignments dropped by a capacity limit (their rows trail the last expert).
+        layout: the strategy the experts run (``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``).
+        offsets: ``[E]`` int32 end row of each expert's slice (``grouped_mm`` layout only, else None).
     """
 
     num_tokens: int
@@ -84,6 +91,7 @@ class DispatchPlan:
     capacity: Optional[int] = None
     num_dropped: int = 0
     layout: str = "sorted"
+    offsets: Optional[torch.Tensor] = None
 
     @property
     def num_rows(self) -> int:
@@ -123,9 +131,11 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         indices: ``[T, k]`` int64 expert ids.
         num_experts: ``E``.
         kept: optional ``[T, k]`` bool; False assignments are dropped (forces the sorted layout).
-        layout: ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"``. ``"loop"`` plans like ``"sorted"``
-            and tells the experts to run the fused per-expert loop (:mod:`moemix.layers.expert_loop`)
-            instead of building the buffer. Defaults to ``"auto"`` (:func:`choose_layout`).
+        layout: ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``. ``"loop"`` and
+            ``"grouped_mm"`` plan like ``"sorted"``; ``"loop"`` tells the experts to run the fused per-expert
+            loop (:mod:`moemix.layers.expert_loop`) instead of building the buffer, ``"grouped_mm"`` adds the
+            slice ends (``offsets``) for :func:`torch.nn.functional.grouped_mm`. Defaults to ``"auto"``
+            (:func:`choose_layout`).
         macs_per_row: multiply-adds of one row through an expert's first layer (``in_features * H'``),
             for the ``"auto"`` rule; None: rows per expert only.
     """
@@ -151,8 +161,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
     tokens_per_expert = bins[:num_experts]
     n = flat.numel()
-    if layout == "padded" and num_dropped:
-        raise ValueError("layout='padded' cannot hold dropped assignments; use layout='sorted' with a capacity")
+    if layout in ("padded", "grouped_mm") and num_dropped:
+        raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use layout='sorted' with a capacity")
     if layout == "auto":
         layout = choose_layout(counts, num_dropped, device.type, macs_per_row)
     arange = torch.arange(n, device=device)
@@ -165,8 +175,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
             row_token[n - num_dropped:] = num_tokens
             row_assignment = order.clone()
             row_assignment[n - num_dropped:] = n
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if layout == "grouped_mm" else None
         return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, row_assignment,
-                            None, num_dropped, layout)
+                            None, num_dropped, layout, offsets)
     capacity = max(counts, default=0)
     expert_sorted = flat[order]
     starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
@@ -350,10 +361,57 @@ class _PaddedMatmul(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _GroupedMM(torch.autograd.Function):
+    """``x_e @ w[e] + b[e]`` over contiguous row slices ending at ``offsets``, each direction one
+    :func:`torch.nn.functional.grouped_mm` call (the weight gradient as its 2-D x 2-D form)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, offsets):
+        out = F.grouped_mm(x, weight, offs=offsets)
+        row_expert = None
+        if bias is not None:
+            row_expert = _row_experts(offsets, x.shape[0])
+            out.add_(bias.index_select(0, row_expert))
+        ctx.save_for_backward(x, weight, offsets, row_expert)
+        return out
+
+    @staticmethod
+    @first_order_backward
+    def backward(ctx, grad):
+        x, weight, offsets, row_expert = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets) if need_x else None
+        grad_w = F.grouped_mm(x.t(), grad, offs=offsets) if need_w else None
+        grad_b = None
+        if need_b and row_expert is not None:
+            grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]).index_add_(0, row_expert, grad)
+        return grad_x, grad_w, grad_b, None
+
+
+def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[rows]`` expert of each row of a sorted buffer whose slices end at ``offsets`` (on the device)."""
+    return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device, dtype=offsets.dtype), right=True)
+
+
+def _check_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: List[int]) -> None:
+    if not hasattr(F, "grouped_mm"):
+        raise RuntimeError(f"the grouped_mm layout needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
+                           "lacks it); use layout='sorted' or 'padded'")
+    if x.dtype not in GROUPED_MM_DTYPES:
+        raise ValueError(f"the grouped_mm layout takes {', '.join(map(str, GROUPED_MM_DTYPES))}, got {x.dtype}")
+    if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
+        raise ValueError(f"offsets must be an int32 tensor of shape ({weight.shape[0]},), got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"the grouped_mm layout needs every row routed: counts sum to {sum(counts)}, x has "
+                         f"{x.shape[0]} rows")
+
+
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
                    bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[RecycledBuffer] = None, pool: Optional[RecycledPool] = None
-                   ) -> torch.Tensor:
+                   grad_buffer: Optional[RecycledBuffer] = None, pool: Optional[RecycledPool] = None,
+                   offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped GEMM over an expert buffer.
 
     Args:
@@ -367,6 +425,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
             :mod:`moemix.layers.recycled_buffers`.
         pool: recycles the output's and the input gradient's memory across steps (CPU): fresh
             ``[R, out]`` rows each step would fault their pages in anew.
+        offsets: ``[E]`` int32 end row of each expert's slice on ``x``'s device (``plan.offsets``): the sorted
+            layout, every row routed, in :func:`torch.nn.functional.grouped_mm` (``grad_buffer`` and ``pool``
+            unused). On CUDA its kernels want the widths' rows 16-byte aligned (multiples of 8 in bfloat16).
 
     Returns:
         ``[R, out]``. Runs in the autocast dtype when autocast is on.
@@ -376,6 +437,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if offsets is not None:
+            _check_grouped_mm(x, weight, offsets, counts)
+            return _GroupedMM.apply(x.contiguous(), weight, bias, offsets)
         if capacity is not None:
             xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
             return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, pool).view(x.shape[0], weight.shape[-1])

@@ -38,9 +38,10 @@ class GroupedExperts(nn.Module):
             ``Mlp``). Defaults to 0.
 
     Shapes:
-        ``forward(x [R, D], counts, capacity=None) -> [R, out]`` on an expert buffer: rows sorted by
-        expert with ``counts[e]`` rows for expert ``e``, or, with ``capacity``, ``capacity`` rows per
-        expert (padded layout; see :mod:`moemix.layers.dispatch`).
+        ``forward(x [R, D], counts, capacity=None, offsets=None) -> [R, out]`` on an expert buffer: rows
+        sorted by expert with ``counts[e]`` rows for expert ``e``, or, with ``capacity``, ``capacity`` rows
+        per expert (padded layout), or, with ``offsets`` (``[E]`` int32 slice ends), the sorted rows in
+        :func:`torch.nn.functional.grouped_mm` (see :mod:`moemix.layers.dispatch`).
     """
 
     def __init__(
@@ -160,7 +161,7 @@ class GroupedExperts(nn.Module):
         if plan.layout == "loop" and fused_loop_supports(self.act) and not dropout:
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
-        out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity)
+        out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity, plan.offsets)
         return combine_tokens(out_rows, weights, plan, self._row_pool)
 
     def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
@@ -179,11 +180,14 @@ class GroupedExperts(nn.Module):
         if max(counts, default=0) > capacity:
             raise ValueError(f"counts must be <= capacity={capacity} in the padded layout, got {list(counts)}")
 
-    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
+                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_last_dim(type(self).__name__, x, self.in_features)
         self._check_counts(counts, capacity, x.shape[0])
+        if offsets is not None and capacity is not None:
+            raise ValueError("offsets (grouped_mm layout) and capacity (padded layout) exclude each other")
         pool = self._row_pool
-        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], pool)
+        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], pool, offsets)
         h = gated_activation(h, self.act, pool) if self.glu else self.act(h)
         h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], pool))
+        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], pool, offsets))

@@ -56,9 +56,10 @@ class SparseMoE(nn.Module):
         shared_expert: None; ``"gated"`` adds ``sigmoid(g(x)) * shared(x)`` (Qwen2-MoE); ``"averaged"``
             returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
         shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
-        dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"`` or ``"padded"`` (see
-            :mod:`moemix.layers.dispatch`); the result is the same, only speed differs. ``"padded"`` cannot
-            hold dropped assignments, so it is refused with ``capacity_factor``. Defaults to "auto".
+        dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or
+            ``"grouped_mm"`` (see :mod:`moemix.layers.dispatch`); the result is the same, only speed differs.
+            ``"padded"`` and ``"grouped_mm"`` cannot hold dropped assignments, so they are refused with
+            ``capacity_factor``. Defaults to "auto".
 
     Shapes:
         ``[..., in_features] -> [..., out_features]``.
@@ -120,9 +121,9 @@ class SparseMoE(nn.Module):
         check_nonnegative("aux_loss_coef", aux_loss_coef)
         check_nonnegative("z_loss_coef", z_loss_coef)
         check_choice("dispatch_layout", dispatch_layout, LAYOUTS)
-        if dispatch_layout == "padded" and capacity_factor is not None:
-            raise ValueError("dispatch_layout='padded' cannot hold the assignments a capacity_factor drops; "
-                             "use 'auto', 'loop' or 'sorted' with capacity_factor")
+        if dispatch_layout in ("padded", "grouped_mm") and capacity_factor is not None:
+            raise ValueError(f"dispatch_layout={dispatch_layout!r} cannot hold the assignments a capacity_factor "
+                             "drops; use 'auto', 'loop' or 'sorted' with capacity_factor")
         if shared_expert is not None:
             check_positive_int("shared_hidden_features", shared_hidden_features)
         self.dispatch_layout = dispatch_layout

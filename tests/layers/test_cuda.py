@@ -42,3 +42,22 @@ def test_cuda_torch_compile_inductor():
     x = torch.randn(256, 64, device="cuda")
     compiled = torch.compile(moe)
     torch.testing.assert_close(compiled(x), moe(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_grouped_mm_layout_matches_sorted(dtype):
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 96, num_experts=8, k=2, glu=True, act_layer="silu", dispatch_layout="grouped_mm")
+    ref = SparseMoE(64, 96, num_experts=8, k=2, glu=True, act_layer="silu", dispatch_layout="sorted")
+    ref.load_state_dict(moe.state_dict())
+    moe, ref = moe.cuda().to(dtype), ref.cuda().to(dtype)
+    x = torch.randn(300, 64, device="cuda", dtype=dtype)
+    outs = []
+    for layer in (moe, ref):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.float().square().sum().backward()
+        outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got.float(), want.float(), **tol)

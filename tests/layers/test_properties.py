@@ -41,7 +41,7 @@ def _grads(out, x, moe):
 
 @settings(max_examples=50, deadline=None)
 @given(tokens=st.integers(0, 30), experts=st.integers(1, 8), data=st.data(),
-       layout=st.sampled_from(["loop", "sorted", "padded", "auto"]))
+       layout=st.sampled_from(["loop", "sorted", "padded", "grouped_mm", "auto"]))
 def test_plan_puts_every_assignment_in_its_experts_rows(tokens, experts, data, layout):
     k = data.draw(st.integers(1, experts))
     indices = (torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]) if tokens
@@ -61,3 +61,7 @@ def test_plan_puts_every_assignment_in_its_experts_rows(tokens, experts, data, l
         assert torch.all(flat[plan.order][1:] >= flat[plan.order][:-1])  # stable sort by expert
     assert torch.equal(owner, flat)
     assert torch.equal(plan.row_token[plan.slot], torch.arange(flat.numel()) // k)
+    if plan.layout == "grouped_mm":
+        assert plan.offsets.tolist() == torch.cumsum(counts, 0).tolist()
+    else:
+        assert plan.offsets is None

@@ -8,7 +8,7 @@ timm_layers = pytest.importorskip("timm.layers")
 
 
 @pytest.mark.parametrize("bias", [(True, False), (False, True)])
-@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
+@pytest.mark.parametrize("layout", ["loop", "sorted", "padded", "grouped_mm"])
 def test_bias_pair_matches_timm_mlp(bias, layout):
     torch.manual_seed(0)
     mlp = timm_layers.Mlp(8, 16, bias=bias)
