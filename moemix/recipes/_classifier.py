@@ -8,6 +8,7 @@ images of the mixed samples. Subclasses choose the mixer and how the targets are
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
@@ -213,19 +214,34 @@ class ImageClassifier(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = min(total - 1, self.hparams.warmup_epochs * total // epochs) if total > 1 else 0
+        self._warn_if_schedule_changed(total, warmup)
+        self._schedule = {"total_steps": total, "warmup_steps": warmup}
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, max(warmup, 1), total, self.hparams.min_lr_factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _warn_if_schedule_changed(self, total: int, warmup: int) -> None:
+        """A resumed run whose schedule length differs from the checkpoint's (another ``max_epochs``, batch
+        size or ``limit_train_batches``) continues on the new warmup-cosine curve from the saved step."""
+        saved = getattr(self, "_resumed_schedule", None)
+        if saved and (saved["total_steps"], saved["warmup_steps"]) != (total, warmup):
+            warnings.warn(f"the checkpoint's learning-rate schedule had {saved['total_steps']} steps "
+                          f"({saved['warmup_steps']} warmup), this run's has {total} ({warmup} warmup): training "
+                          "continues from the saved step on the new warmup-cosine curve, so the learning rate "
+                          "jumps to the new curve's value there", stacklevel=2)
 
     # --- exact resume --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # Mixing and data order draw from the global generators; saving them makes `fit --ckpt_path`
         # continue exactly as an uninterrupted run would.
         checkpoint["rng_states"] = _rng_states()
+        if getattr(self, "_schedule", None):
+            checkpoint["lr_schedule"] = dict(self._schedule)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
+        self._resumed_schedule = checkpoint.get("lr_schedule")
 
     # --- images ------------------------------------------------------------------------------------
     def log_mixed_samples(self, x: torch.Tensor, y_soft: torch.Tensor, n: int = 16) -> None:

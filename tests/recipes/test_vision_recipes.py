@@ -1,6 +1,7 @@
 import glob
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,18 @@ def test_checked_in_config_round_trips(recipe, config, tmp_path, capsys):
 def test_bad_config_names_the_option(args, option, tmp_path):
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):
         run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
+
+
+def test_resume_with_a_longer_schedule_warns(tmp_path):
+    run("cnn_patchmix", tmp_path / "first", "fit", "--trainer.max_epochs", "1", *tiny())
+    ckpt = glob.glob(str(tmp_path / "first" / "**" / "last.ckpt"), recursive=True)[0]
+    assert torch.load(ckpt, weights_only=False)["lr_schedule"] == {"total_steps": 3, "warmup_steps": 2}
+    with pytest.warns(UserWarning, match=r"schedule had 3 steps \(2 warmup\), this run's has 6 \(3 warmup\)"):
+        run("cnn_patchmix", tmp_path / "longer", "fit", "--trainer.max_epochs", "2", "--ckpt_path", ckpt, *tiny())
+    with warnings.catch_warnings(record=True) as caught:  # the same schedule: no warning
+        warnings.simplefilter("always")
+        run("cnn_patchmix", tmp_path / "same", "fit", "--trainer.max_epochs", "1", "--ckpt_path", ckpt, *tiny())
+    assert not [w for w in caught if "learning-rate schedule" in str(w.message)]
 
 
 @pytest.mark.parametrize("args, message", [
