@@ -6,12 +6,15 @@
     python benchmarks/moe_layer.py --configs coarse,fine --layouts loop_serial,loop_workers --no-memory \
         --json workers.json
     python benchmarks/row_buffers.py --json row_buffers.json
+    python benchmarks/moe_layer.py --quick --routings balanced --no-memory --layouts loop,sorted,padded,grouped_mm \
+        --json grouped_mm.json
     python benchmarks/moe_layer_report.py default.json reuse.json [--cuda cuda_float32.json cuda_bfloat16.json ...] \
-        [--workers workers.json] [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] \
-        > docs/results/moe_layer.md
+        [--note cuda_float32.json "what it timed" ...] [--cpu-grouped-mm grouped_mm.json] [--workers workers.json] \
+        [--row-buffers row_buffers.json] [--runs run1.json run2.json ...] > docs/results/moe_layer.md
 
 The CUDA runs come from ``bash benchmarks/cuda_suite.sh OUT_DIR SDIST_DIR`` (``OUT_DIR/cuda_float32.json``,
-``OUT_DIR/cuda_bfloat16.json``).
+``OUT_DIR/cuda_bfloat16.json``) or from ``benchmarks/moe_layer.py --device cuda`` alone; ``--note JSON TEXT``
+says under a run's command line what it timed (e.g. which ``"auto"`` rule).
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
 ``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
@@ -36,7 +39,8 @@ TARGETS = {  # the issue's targets, (vs_hf_loop minimum, vs_dense_active maximum
 }
 COLUMNS = ["moemix", "hf_loop", "gshard", "dense_active", "hf_block_grouped_mm", "moemix:loop",
            "moemix:loop_serial", "moemix:loop_workers", "moemix:loop_blas", "moemix:sorted", "moemix:padded",
-           "megablocks"]
+           "moemix:grouped_mm", "megablocks"]
+LAYOUT_PAIRS = [("moemix:padded", "moemix:grouped_mm")]  # paired ratio columns where a run timed both
 
 
 def fmt(v):
@@ -44,16 +48,20 @@ def fmt(v):
 
 
 def table(results: dict, targets: Optional[dict] = TARGETS) -> list:
-    """Times per variant, the ratios, and whether ``targets`` (the CPU targets by default; None: no column)
-    are met."""
+    """Times per variant, the ratios (``a / b`` for the ``LAYOUT_PAIRS`` a run timed: median of per-round
+    time ratios), and whether ``targets`` (the CPU targets by default; None: no column) are met."""
     cases = [k for k in results if k != "meta"]
     cols = [c for c in COLUMNS if any(c in results[k]["ms"] for k in cases)]
     ratios = ["vs_hf_loop", "vs_dense_active"] + [f"vs_{c}" for c in ("megablocks",) if c in cols]
-    head = [f"{c} ms" for c in cols] + ratios + (["target"] if targets is not None else []) + ["load max/mean"]
+    pairs = [(a, b) for a, b in LAYOUT_PAIRS if a in cols and b in cols]
+    head = ([f"{c} ms" for c in cols] + ratios + [f"{a.split(':')[1]} / {b.split(':')[1]}" for a, b in pairs]
+            + (["target"] if targets is not None else []) + ["load max/mean"])
     lines = ["| case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in cases:
         e = results[k]
         cells = [fmt(e["ms"].get(c)) for c in cols] + ["-" if e.get(r) is None else f"{e[r]:.2f}" for r in ratios]
+        detail = e.get("timing_detail", {})
+        cells += [f"{paired_ratio(detail[a], detail[b]):.2f}" if a in detail and b in detail else "-" for a, b in pairs]
         if targets is not None:
             cells.append(target_cell(e, *targets.get(k, (None, None))))
         cells.append(f"{e['routing_stats']['max_over_mean_load']:.2f}")
@@ -175,14 +183,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("default_json")
     p.add_argument("reuse_json", nargs="?")
-    p.add_argument("--cuda", nargs="*", default=[], help="CUDA runs (e.g. float32 and bfloat16), a section each")
+    p.add_argument("--cuda", nargs="*", default=[], help="CUDA runs (e.g. float32 and bfloat16), a section each; "
+                   "several runs of one dtype are numbered in the given order")
+    p.add_argument("--note", nargs=2, action="append", default=[], metavar=("JSON", "TEXT"),
+                   help="a sentence printed under that CUDA run's command line (e.g. which moemix it timed)")
     p.add_argument("--workers", default=None, help="a --layouts loop_serial,loop_workers run")
     p.add_argument("--row-buffers", default=None, help="a benchmarks/row_buffers.py run")
+    p.add_argument("--cpu-grouped-mm", default=None, help="a CPU run with --layouts ...,grouped_mm")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
            "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
-           "docstring for the commands). Forward + backward of one layer, D=512, float32 unless a section says "
+           "docstring for the commands; `bash benchmarks/moe_layer_report.sh` rewrites this page from the runs kept "
+           "in `docs/results`). Forward + backward of one layer, D=512, float32 unless a section says "
            "otherwise, SwiGLU experts without bias, medians of interleaved repeats; `vs_hf_loop` = HF time / moemix time (higher is better), "
            "`vs_dense_active` = moemix time / time of a dense SwiGLU FFN with hidden k*H (the same active "
            "FLOPs; 1.0 is the practical limit); both ratios are medians over rounds of the two variants' "
@@ -232,18 +245,28 @@ def main():
                        "each step (no `RecycledPool`); `fresh / recycled` above 1 means recycling is faster (median "
                        "of per-round ratios). Page faults are minor faults per timed step (`getrusage`).",
                        row_buffers_table(rows))
+    if args.cpu_grouped_mm:
+        gmm = load_json(args.cpu_grouped_mm)
+        out += section("CPU: the grouped_mm layout", gmm,
+                       "`moemix:grouped_mm` is `dispatch_layout=\"grouped_mm\"` (`F.grouped_mm`), which `\"auto\"` "
+                       "takes on CUDA in bfloat16 only; `padded / grouped_mm` below 1 means the padded layout is "
+                       "faster.", table(gmm, targets=None))
+    notes = dict(args.note)
+    runs_of = {}
     for path in args.cuda:
         cuda = load_json(path)
-        intro = ("The targets above are for 2 CPU cores; none is set for CUDA. `benchmarks/cuda_suite.sh` times "
-                 "float32 while the megablocks peer builds on all but 4 of the machine's cores, and bfloat16 after "
-                 "the build.")
+        dtype = cuda["meta"].get("dtype", "float32")
+        runs_of[dtype] = runs_of.get(dtype, 0) + 1
+        several = sum(load_json(p)["meta"].get("dtype", "float32") == dtype for p in args.cuda) > 1
+        title = f"CUDA, {dtype}" + (f", run {runs_of[dtype]}" if several else "")
+        intro = (notes[path] + " " if path in notes else "") + "The targets above are for 2 CPU cores; none is set for CUDA."
         if any("megablocks" in cuda[k]["ms"] for k in cuda if k != "meta"):
             intro += " `vs_megablocks` is megablocks time / moemix time (higher is better)."
         memory = memory_table(cuda)
         if memory:
             memory = ["", "Peak memory of one step beyond what was allocated before it (`max_memory_allocated`, "
                       "balanced routing):", ""] + memory
-        out += section(f"CUDA, {cuda['meta'].get('dtype', 'float32')}", cuda, intro,
+        out += section(title, cuda, intro,
                        table(cuda, targets=None) + skipped_notes(cuda) + memory)
     print("\n".join(out))
 

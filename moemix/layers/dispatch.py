@@ -1,7 +1,7 @@
 """Dropless token dispatch: the one hot path every moemix MoE layer shares.
 
 The ``N = T * k`` (token, expert) assignments are sorted by expert id once (:func:`plan_dispatch`, one
-host sync for the per-expert counts). Three strategies then run the experts:
+host sync for the per-expert counts). Four strategies then run the experts:
 
 - ``"loop"``: a fused per-expert loop (:mod:`moemix.layers.expert_loop`): gather the expert's tokens,
   GEMM, activation, GEMM, weighted ``index_add`` into the output, all in one autograd node whose
@@ -15,7 +15,7 @@ host sync for the per-expert counts). Three strategies then run the experts:
   skewed.
 - ``"grouped_mm"``: the sorted buffer, with every expert's slice in one
   :func:`torch.nn.functional.grouped_mm` call (float32, bfloat16 or float16; the slice ends go to the kernel
-  as a device tensor, so the GEMMs need no host counts). Opt-in: ``"auto"`` does not pick it.
+  as a device tensor, so the GEMMs need no host counts). ``"auto"`` picks it on CUDA in bfloat16.
 
 ``"auto"`` picks per call with :func:`choose_layout` (rules from ``benchmarks/moe_layer.py``). For the
 buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
@@ -29,6 +29,7 @@ them; their output is zero.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -59,6 +60,12 @@ PADDED_MAX_WASTE = 1.5
 # took 6.07 ms against its 6.85 (bfloat16: 5.17 against 4.81; an earlier float32 run, `git show
 # e561b56:docs/results/moe_layer.md`, had 5.33 against 6.20); beyond that padding the sorted slices bound the memory.
 PADDED_MAX_WASTE_CUDA = 4.0
+# On CUDA in bfloat16 (H200, torch 2.11, --quick run with --layouts loop,sorted,padded,grouped_mm, the
+# "CUDA, bfloat16, run 2" table of docs/results/moe_layer.md) the grouped_mm layout beat the padded one at 7 of 8
+# configurations (padded / grouped_mm 1.01-1.30, median of per-round ratios) and tied at small_coarse_skewed
+# (0.99); in float32, where F.grouped_mm takes a slow path, the padded layout took 0.37-0.83 of its time except at
+# coarse_skewed. float16 has not been measured, so it keeps the padded/sorted rule.
+GROUPED_MM_AUTO_DTYPES = (torch.bfloat16,)
 
 
 @dataclass
@@ -99,14 +106,17 @@ class DispatchPlan:
 
 
 def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu",
-                  macs_per_row: Optional[int] = None) -> str:
+                  macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False) -> str:
     """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py
     and benchmarks/dispatch_rule.py). ``macs_per_row``: multiply-adds of one row through an expert's first
-    layer (``in_features * H'``); None leaves the expert size out of the CPU rule."""
+    layer (``in_features * H'``); None leaves the expert size out of the CPU rule. ``grouped_mm_ok``: the
+    experts can run in ``F.grouped_mm`` and gain by it (:func:`grouped_mm_pays_off`)."""
     routed = sum(counts)
     hit = sum(1 for c in counts if c)
     padded_rows = len(counts) * max(counts, default=0)
     if device_type == "cuda":
+        if grouped_mm_ok and not num_dropped:
+            return "grouped_mm"
         if num_dropped or routed == 0 or padded_rows > PADDED_MAX_WASTE_CUDA * routed:
             return "sorted"
         return "padded"
@@ -118,13 +128,24 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
     return "padded" if small_experts and padded_rows <= PADDED_MAX_WASTE * routed else "loop"
 
 
+def grouped_mm_pays_off(device_type: str, dtype: torch.dtype, widths) -> bool:
+    """Whether ``"auto"`` runs experts of these layer ``widths`` (inputs and outputs of both layers) in
+    ``F.grouped_mm``: on CUDA, in a dtype where it was measured faster (``GROUPED_MM_AUTO_DTYPES``), with
+    16-byte aligned rows, on a torch that has it."""
+    if device_type != "cuda" or dtype not in GROUPED_MM_AUTO_DTYPES or not hasattr(F, "grouped_mm"):
+        return False
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return all(w % align == 0 for w in widths)
+
+
 def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
     return ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {how_many} outside "
                       "that range")
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
-                  layout: str = "auto", macs_per_row: Optional[int] = None) -> DispatchPlan:
+                  layout: str = "auto", macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False
+                  ) -> DispatchPlan:
     """Plan the expert buffer for ``[T, k]`` expert ids.
 
     Args:
@@ -138,6 +159,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
             (:func:`choose_layout`).
         macs_per_row: multiply-adds of one row through an expert's first layer (``in_features * H'``),
             for the ``"auto"`` rule; None: rows per expert only.
+        grouped_mm_ok: for the ``"auto"`` rule, the experts can run the ``"grouped_mm"`` layout and gain by
+            it (:func:`grouped_mm_pays_off`). Defaults to False.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
@@ -164,7 +187,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     if layout in ("padded", "grouped_mm") and num_dropped:
         raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use layout='sorted' with a capacity")
     if layout == "auto":
-        layout = choose_layout(counts, num_dropped, device.type, macs_per_row)
+        layout = choose_layout(counts, num_dropped, device.type, macs_per_row, grouped_mm_ok)
     arange = torch.arange(n, device=device)
     if layout != "padded":
         slot = torch.empty_like(order)
@@ -382,7 +405,11 @@ class _GroupedMM(torch.autograd.Function):
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets) if need_x else None
-        grad_w = F.grouped_mm(x.t(), grad, offs=offsets) if need_w else None
+        grad_w = None
+        if need_w:  # experts without rows get zeros whatever the kernel leaves in their slot
+            grad_w = F.grouped_mm(x.t(), grad, offs=offsets)
+            sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
+            grad_w.masked_fill_((sizes == 0).view(-1, 1, 1), 0)
         grad_b = None
         if need_b and row_expert is not None:
             grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]).index_add_(0, row_expert, grad)
@@ -395,17 +422,28 @@ def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _check_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: List[int]) -> None:
+    """What ``F.grouped_mm`` needs, with moemix's names: dtype, 16-byte aligned widths, offsets = cumsum(counts)."""
     if not hasattr(F, "grouped_mm"):
         raise RuntimeError(f"the grouped_mm layout needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
-                           "lacks it); use layout='sorted' or 'padded'")
+                           "lacks it); use dispatch_layout='sorted' or 'padded'")
     if x.dtype not in GROUPED_MM_DTYPES:
-        raise ValueError(f"the grouped_mm layout takes {', '.join(map(str, GROUPED_MM_DTYPES))}, got {x.dtype}")
+        raise ValueError(f"the grouped_mm layout computes in {', '.join(map(str, GROUPED_MM_DTYPES))}, but the "
+                         f"expert layer's input is {x.dtype}; use dispatch_layout='sorted' or 'padded' for it")
+    align = 16 // x.element_size()
+    for name, width in (("input width", weight.shape[1]), ("output width", weight.shape[2])):
+        if width % align:
+            raise ValueError(f"the grouped_mm layout needs every expert layer's widths to be multiples of {align} "
+                             f"in {x.dtype} (16-byte rows for F.grouped_mm), got {name} {width} (weight "
+                             f"{tuple(weight.shape)}); use dispatch_layout='sorted' or 'padded'")
     if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
         raise ValueError(f"offsets must be an int32 tensor of shape ({weight.shape[0]},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
     if sum(counts) != x.shape[0]:
         raise ValueError(f"the grouped_mm layout needs every row routed: counts sum to {sum(counts)}, x has "
                          f"{x.shape[0]} rows")
+    # Checked where it costs no device sync; on an accelerator offsets are trusted (plan_dispatch makes them).
+    if offsets.device.type == "cpu" and offsets.tolist() != list(itertools.accumulate(counts)):
+        raise ValueError(f"offsets must be the running sum of counts {list(counts)}, got {offsets.tolist()}")
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
@@ -425,9 +463,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
             :mod:`moemix.layers.recycled_buffers`.
         pool: recycles the output's and the input gradient's memory across steps (CPU): fresh
             ``[R, out]`` rows each step would fault their pages in anew.
-        offsets: ``[E]`` int32 end row of each expert's slice on ``x``'s device (``plan.offsets``): the sorted
-            layout, every row routed, in :func:`torch.nn.functional.grouped_mm` (``grad_buffer`` and ``pool``
-            unused). On CUDA its kernels want the widths' rows 16-byte aligned (multiples of 8 in bfloat16).
+        offsets: ``[E]`` int32 end row of each expert's slice on ``x``'s device (``plan.offsets``, the running
+            sum of ``counts``; checked on CPU only, where that needs no device sync): the sorted layout, every
+            row routed, in :func:`torch.nn.functional.grouped_mm` (``grad_buffer`` and ``pool`` unused). Its
+            kernels want 16-byte rows: ``in`` and ``out`` multiples of 4 in float32, of 8 in bfloat16/float16.
 
     Returns:
         ``[R, out]``. Runs in the autocast dtype when autocast is on.

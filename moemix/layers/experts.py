@@ -9,7 +9,7 @@ from torch import nn
 
 from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul, grouped_mm_pays_off
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
 from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
 
@@ -163,6 +163,14 @@ class GroupedExperts(nn.Module):
                                     self.act, self.glu, self._grad_buffers, self._workspace)
         out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity, plan.offsets)
         return combine_tokens(out_rows, weights, plan, self._row_pool)
+
+    def grouped_mm_pays_off(self, x: torch.Tensor) -> bool:
+        """Whether ``"auto"`` should run these experts on ``x`` in the ``"grouped_mm"`` layout
+        (:func:`~moemix.layers.dispatch.grouped_mm_pays_off`, in the autocast dtype when autocast is on)."""
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.w1.dtype
+        widths = (self.in_features, self.w1.shape[-1], self.hidden_features, self.out_features)
+        return grouped_mm_pays_off(device_type, dtype, widths)
 
     def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
         """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""

@@ -61,3 +61,18 @@ def test_cuda_grouped_mm_layout_matches_sorted(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     for got, want in zip(*outs):
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_cuda_auto_takes_grouped_mm_in_bfloat16_only():
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 96, num_experts=8, k=2, glu=True, act_layer="silu").cuda()
+    x = torch.randn(300, 64, device="cuda")
+    plans = []
+    original = moe.experts.forward_routed
+    moe.experts.forward_routed = lambda tokens, weights, plan: plans.append(plan.layout) or original(tokens, weights,
+                                                                                                    plan)
+    moe(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(x)
+    moe.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert plans == ["padded", "grouped_mm", "grouped_mm"]

@@ -1,4 +1,7 @@
-from moemix.layers.dispatch import choose_layout
+import torch
+
+from moemix.layers import GroupedExperts
+from moemix.layers.dispatch import choose_layout, grouped_mm_pays_off
 
 
 def test_auto_rule_cpu():
@@ -14,6 +17,28 @@ def test_auto_rule_cuda():
     assert choose_layout([512] * 64, device_type="cuda") == "padded"
     assert choose_layout([1000, 1, 1, 1, 1, 1, 1, 1], device_type="cuda") == "sorted"
     assert choose_layout([16] * 4, num_dropped=1, device_type="cuda") == "sorted"
+
+
+def test_auto_rule_cuda_bfloat16_takes_grouped_mm():
+    """grouped_mm beat the padded layout on an H200 in bfloat16 (docs/results/moe_layer.md), not in float32."""
+    assert choose_layout([512] * 64, device_type="cuda", grouped_mm_ok=True) == "grouped_mm"
+    assert choose_layout([1000, 1, 1, 1], device_type="cuda", grouped_mm_ok=True) == "grouped_mm"  # no padding
+    assert choose_layout([16] * 4, num_dropped=1, device_type="cuda", grouped_mm_ok=True) == "sorted"
+    assert choose_layout([16] * 64, grouped_mm_ok=True) == "padded"  # CPU rule unchanged
+    widths = (512, 2048, 1024, 512)
+    assert grouped_mm_pays_off("cuda", torch.bfloat16, widths)
+    assert not grouped_mm_pays_off("cuda", torch.float32, widths)
+    assert not grouped_mm_pays_off("cuda", torch.float16, widths)  # not measured
+    assert not grouped_mm_pays_off("cpu", torch.bfloat16, widths)
+    assert not grouped_mm_pays_off("cuda", torch.bfloat16, (512, 2044, 1022, 512))  # rows not 16-byte aligned
+
+
+def test_experts_ask_for_grouped_mm_in_the_autocast_dtype():
+    experts = GroupedExperts(4, 16, 32, glu=True)
+    x = torch.randn(3, 16)
+    assert not experts.grouped_mm_pays_off(x)  # CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not experts.grouped_mm_pays_off(x)  # still CPU: the rule is for CUDA only
 
 
 def test_auto_rule_cpu_weighs_expert_size():
