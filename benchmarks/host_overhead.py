@@ -5,7 +5,8 @@
 At the sizes of ``benchmarks/moe_layer.py`` a CUDA step is mostly host work (Python, dispatcher, kernel
 launches: the dense FFN took about 1 ms on an H200, moemix 4.6-7.4 ms), which no CPU timing at those sizes
 shows. This benchmark isolates that part on the CPU: the same variants as ``moe_layer.py`` (moemix with a
-dispatch strategy forced, GShard, transformers' ``grouped_mm`` block, the HF loop, the dense FFN) with
+dispatch strategy forced, and on the padded layout without its auxiliary losses, which the peers do not
+compute; GShard, transformers' ``grouped_mm`` block, the HF loop, the dense FFN) with
 ``D = H = 8`` and 32 tokens, so each step's time is its fixed cost per call. One thread; each timed call
 runs the step ``--steps`` times; variants interleaved, medians of ``--repeats`` rounds; ``x / gshard`` is
 the median of per-round ratios.
@@ -28,17 +29,27 @@ from _output import write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 
 import moemix.layers.recycled_buffers as recycled_buffers  # noqa: E402
+from moemix.layers import SparseMoE  # noqa: E402
 
 WIDTH = 8
 TOKENS = 32
 SHAPES = ((8, 2), (64, 8))  # (E, k): coarse and fine routing
-VARIANTS = ("moemix:padded", "moemix:sorted", "moemix:grouped_mm", "moemix:loop", "gshard", "hf_block_grouped_mm",
-            "hf_loop", "dense_active")
+NO_AUX = "moemix:padded:no_aux"  # the padded layout without the auxiliary losses (aux_loss=None, z_loss_coef=0)
+VARIANTS = ("moemix:padded", NO_AUX, "moemix:sorted", "moemix:grouped_mm", "moemix:loop", "gshard",
+            "hf_block_grouped_mm", "hf_loop", "dense_active")
 PEER = "gshard"
 
 
 class _Args:
     capacity_factor, group_size, dtype, device = 1.25, 256, "float32", "cpu"
+
+
+def without_aux_losses(moe: SparseMoE) -> SparseMoE:
+    """``moe``'s layer (same weights) on the padded layout, computing no auxiliary loss."""
+    layer = SparseMoE(layer_bench.D, moe.experts.hidden_features, act_layer="silu", glu=True, bias=False,
+                      num_experts=moe.num_experts, k=moe.k, dispatch_layout="padded", aux_loss=None, z_loss_coef=0.0)
+    layer.load_state_dict(moe.state_dict())
+    return layer
 
 
 def time_shape(num_experts: int, k: int, steps: int, repeats: int) -> dict:
@@ -47,7 +58,7 @@ def time_shape(num_experts: int, k: int, steps: int, repeats: int) -> dict:
     moe = layer_bench.make_moemix(cfg, "balanced", 0)
     calls = {}
     for name in VARIANTS:
-        module = layer_bench.make_variant(name, cfg, moe, _Args)
+        module = without_aux_losses(moe) if name == NO_AUX else layer_bench.make_variant(name, cfg, moe, _Args)
         if module is None:
             continue
         step = layer_bench.make_step(name, module, layer_bench.make_inputs(cfg, 0, "cpu"))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["load_balance_loss", "router_z_loss", "importance_load_loss", "router_entropy", "cv_squared",
+__all__ = ["load_balance_loss", "load_balance_from_counts", "router_z_loss", "importance_load_loss", "router_entropy", "cv_squared",
            "collect_aux_loss"]
 
 
@@ -50,14 +50,26 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, *, top1_only: 
         top1_only: count only the first choice. Defaults to False.
     """
     _check_routing(probs, indices)
-    num_experts = probs.shape[-1]
     chosen = indices[:, :1] if top1_only else indices
     if chosen.numel() == 0:
         return probs.new_zeros((), dtype=torch.float32)
-    counts = _assignment_counts(chosen, num_experts)
-    fraction = counts / chosen.numel()
+    return load_balance_from_counts(probs, _assignment_counts(chosen, probs.shape[-1]), chosen.numel())
+
+
+def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assignments: int) -> torch.Tensor:
+    """:func:`load_balance_loss` from assignment counts already made (a dispatch plan's ``tokens_per_expert``
+    when nothing was dropped): ``E * sum_e (counts_e / num_assignments) * mean_t probs[t, e]``.
+
+    Args:
+        probs: ``[T, E]`` router probabilities.
+        counts: ``[E]`` assignments per expert (any numeric dtype).
+        num_assignments: the assignments ``counts`` sums to (``T * k``), > 0.
+    """
+    num_experts = probs.shape[-1]
+    if counts.shape != (num_experts,):
+        raise ValueError(f"counts must have shape ({num_experts},) (E = probs.shape[-1]), got {tuple(counts.shape)}")
     mean_prob = probs.float().mean(0)
-    return num_experts * torch.dot(fraction, mean_prob)
+    return torch.dot(counts.to(torch.float32), mean_prob) * (num_experts / num_assignments)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

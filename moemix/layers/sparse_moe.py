@@ -10,7 +10,7 @@ from moemix.layers._validate import check_choice, check_last_dim, check_nonnegat
 from moemix.layers.dispatch import LAYOUTS, plan_dispatch
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.router import RoutingDecision, TopKRouter
-from moemix.losses import importance_load_loss, load_balance_loss, router_z_loss
+from moemix.losses import importance_load_loss, load_balance_from_counts, load_balance_loss, router_z_loss
 
 __all__ = ["SparseMoE", "AUX_LOSS_TYPES", "SHARED_EXPERT_TYPES"]
 
@@ -193,16 +193,24 @@ class SparseMoE(nn.Module):
 
     def _store_aux(self, decision: RoutingDecision) -> None:
         parts: Dict[str, torch.Tensor] = {}
-        total = decision.logits.new_zeros(())
+        coefs: Dict[str, float] = {}
         if self.aux_loss_type == "switch":
-            parts["loss_balance"] = load_balance_loss(decision.probs, decision.indices)
-            total = total + self.aux_loss_coef * parts["loss_balance"]
+            assignments = decision.indices.numel()
+            # Without a capacity the plan counted exactly the router's assignments: no second count.
+            if decision.kept is None and assignments and self.tokens_per_expert is not None:
+                parts["loss_balance"] = load_balance_from_counts(decision.probs, self.tokens_per_expert, assignments)
+            else:
+                parts["loss_balance"] = load_balance_loss(decision.probs, decision.indices)
+            coefs["loss_balance"] = self.aux_loss_coef
         elif self.aux_loss_type == "importance":
             parts["loss_importance_load"] = importance_load_loss(decision.probs, decision.indices,
                                                                  weights=decision.weights)
-            total = total + self.aux_loss_coef * parts["loss_importance_load"]
+            coefs["loss_importance_load"] = self.aux_loss_coef
         if self.z_loss_coef > 0:
             parts["loss_z"] = router_z_loss(decision.logits)
-            total = total + self.z_loss_coef * parts["loss_z"]
-        self.aux_loss = total
+            coefs["loss_z"] = self.z_loss_coef
+        total = None
+        for name, value in parts.items():
+            total = value * coefs[name] if total is None else torch.add(total, value, alpha=coefs[name])
+        self.aux_loss = decision.logits.new_zeros(()) if total is None else total
         self.aux_losses = {name: value.detach() for name, value in parts.items()}

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from moemix.losses import cv_squared, importance_load_loss, load_balance_loss, router_entropy, router_z_loss
+from moemix.layers import SparseMoE
+from moemix.losses import (cv_squared, importance_load_loss, load_balance_from_counts, load_balance_loss, router_entropy,
+                           router_z_loss)
 
 
 def test_load_balance_loss_hand_computed():
@@ -65,3 +67,29 @@ def test_routing_losses_check_shapes_and_expert_ids(loss):
         loss(probs, torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match="same T"):
         loss(probs, torch.tensor([0, 1, 2, 0]))
+
+
+def test_load_balance_from_counts_equals_the_loss_from_indices():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(10, 5), -1)
+    indices = torch.topk(probs, 2, -1).indices
+    counts = torch.bincount(indices.reshape(-1), minlength=5)
+    torch.testing.assert_close(load_balance_from_counts(probs, counts, indices.numel()),
+                               load_balance_loss(probs, indices))
+    with pytest.raises(ValueError, match=r"counts must have shape \(5,\)"):
+        load_balance_from_counts(probs, counts[:4], indices.numel())
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_sparse_moe_balance_loss_counts_the_routers_assignments(capacity_factor):
+    """The layer reuses its plan's counts when nothing can be dropped; with drops it counts every choice."""
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 16, num_experts=4, k=2, capacity_factor=capacity_factor).eval()
+    x = torch.randn(30, 8)
+    moe(x)
+    decision = moe.router(x)
+    if capacity_factor is not None:
+        assert moe.dropped_tokens > 0
+    want = load_balance_loss(decision.probs, decision.indices)
+    torch.testing.assert_close(moe.aux_losses["loss_balance"], want)
+    torch.testing.assert_close(moe.aux_loss, 1e-2 * want + 1e-3 * router_z_loss(decision.logits))
