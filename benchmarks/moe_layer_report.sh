@@ -5,11 +5,12 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 R=docs/results
 "$PYTHON" benchmarks/moe_layer_report.py $R/moe_layer_cpu.json $R/moe_layer_cpu_reuse.json \
- --cuda $R/moe_layer_cuda_float32.json $R/moe_layer_cuda_bfloat16.json $R/moe_layer_cuda_float32_run2.json $R/moe_layer_cuda_bfloat16_run2.json $R/moe_layer_cuda_bfloat16_run3.json \
+ --cuda $R/moe_layer_cuda_float32.json $R/moe_layer_cuda_bfloat16.json $R/moe_layer_cuda_float32_run2.json $R/moe_layer_cuda_bfloat16_run2.json $R/moe_layer_cuda_bfloat16_run3.json $R/moe_layer_cuda_bfloat16_run4.json \
  --note $R/moe_layer_cuda_float32.json "From \`benchmarks/cuda_suite.sh\`, which times float32 while the megablocks peer builds on all but 4 of the machine's cores (\`moemix\` here is \`\"auto\"\` before it took \`grouped_mm\` in bfloat16: the padded layout)." \
  --note $R/moe_layer_cuda_bfloat16.json "From \`benchmarks/cuda_suite.sh\`, after the megablocks build (\`moemix\` is \`\"auto\"\` before it took \`grouped_mm\` in bfloat16: the padded layout here)." \
  --note $R/moe_layer_cuda_float32_run2.json "A later machine, nothing else running; with the \`grouped_mm\` layout (\`moemix\` is \`\"auto\"\`: the padded layout)." \
  --note $R/moe_layer_cuda_bfloat16_run2.json "A later machine, nothing else running; with the \`grouped_mm\` layout, before \`\"auto\"\` took it in bfloat16 (\`moemix\` is the padded layout here): the data behind that rule." \
  --note $R/moe_layer_cuda_bfloat16_run3.json "A third machine, with \`\"auto\"\` taking \`grouped_mm\` in bfloat16 (\`moemix\` here)." \
+ --note $R/moe_layer_cuda_bfloat16_run4.json "A fourth machine, with \`\"auto\"\` taking \`grouped_mm\` in bfloat16 (\`moemix\` here) and the load-balance loss taken from the plan's counts." \
  --cpu-grouped-mm $R/moe_layer_cpu_grouped_mm.json --workers $R/moe_layer_cpu_workers.json --row-buffers $R/moe_layer_cpu_row_buffers.json \
  --runs $R/moe_layer_cpu.json $R/moe_layer_cpu_run2.json $R/moe_layer_cpu_run3.json $R/moe_layer_cpu_run4.json $R/moe_layer_cpu_run5.json $R/moe_layer_cpu_run6.json > $R/moe_layer.md
