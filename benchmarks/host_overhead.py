@@ -11,6 +11,8 @@ compute; GShard, transformers' ``grouped_mm`` block, the HF loop, the dense FFN)
 runs the step ``--steps`` times; variants interleaved, medians of ``--repeats`` rounds; ``x / gshard`` is
 the median of per-round ratios.
 
+A second table counts the ATen ops (views apart) each variant dispatches in one step.
+
 ``--fresh-buffers`` turns off moemix's recycled CPU buffers (``moemix.layers.recycled_buffers``), whose
 bookkeeping runs on CPU only: the host path a CUDA step takes. What is not measured: the cost of launching
 kernels on a GPU, which grows with the number of kernels rather than with Python work.
@@ -22,6 +24,7 @@ import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_layer as layer_bench  # noqa: E402
@@ -52,16 +55,37 @@ def without_aux_losses(moe: SparseMoE) -> SparseMoE:
     return layer
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched, views apart (on a GPU most of them launch a kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step) -> int:
+    """ATen ops (views apart) one call of ``step`` dispatches."""
+    with _OpCounter() as counter:
+        step()
+    return counter.ops
+
+
 def time_shape(num_experts: int, k: int, steps: int, repeats: int) -> dict:
     layer_bench.D = WIDTH  # the variants read the model width from the layer benchmark's module
     cfg = layer_bench.Config(f"E{num_experts}_k{k}", num_experts, k, WIDTH, TOKENS)
     moe = layer_bench.make_moemix(cfg, "balanced", 0)
-    calls = {}
+    calls, ops = {}, {}
     for name in VARIANTS:
         module = without_aux_losses(moe) if name == NO_AUX else layer_bench.make_variant(name, cfg, moe, _Args)
         if module is None:
             continue
         step = layer_bench.make_step(name, module, layer_bench.make_inputs(cfg, 0, "cpu"))
+        step()
+        ops[name] = count_ops(step)
 
         def many(step=step):
             for _ in range(steps):
@@ -69,7 +93,8 @@ def time_shape(num_experts: int, k: int, steps: int, repeats: int) -> dict:
 
         calls[name] = many
     timings = interleaved_medians(calls, "cpu", repeats=repeats, warmup=2)
-    return {"E": num_experts, "k": k, "us_per_step": {n: 1e3 * t["ms"] / steps for n, t in timings.items()},
+    return {"E": num_experts, "k": k, "ops_per_step": ops,
+            "us_per_step": {n: 1e3 * t["ms"] / steps for n, t in timings.items()},
             "vs_peer": {n: paired_ratio(t, timings[PEER]) for n, t in timings.items()}}
 
 
@@ -78,6 +103,10 @@ def markdown(rows: list, fresh: bool) -> list:
     lines = [f"Host cost per forward + backward step, D = H = {WIDTH}, {TOKENS} tokens, 1 thread, recycled CPU "
              f"buffers {'off (the CUDA host path)' if fresh else 'on (the CPU default)'}; `x / {PEER}` is the "
              "median of per-round time ratios.", "",
+             "| E | k | " + " | ".join(f"{n} ops" for n in names) + " |", "|---" * (2 + len(names)) + "|"]
+    lines += [f"| {r['E']} | {r['k']} | " + " | ".join(str(r["ops_per_step"][n]) for n in names) + " |" for r in rows]
+    lines += ["", "ATen ops one step dispatches, views apart (on a GPU most of them launch a kernel; counted on the CPU, "
+              "where moemix also converts its sort keys to float).", "",
              "| E | k | " + " | ".join(f"{n} us" for n in names) + " | " + " | ".join(
                  f"{n} / {PEER}" for n in names if n != PEER) + " |",
              "|---" * (2 + 2 * len(names) - 1) + "|"]

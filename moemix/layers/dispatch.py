@@ -170,8 +170,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     if kept is not None:  # dropped assignments go to bin E, so out-of-range ids are counted before masking
         out_of_range = ((flat < 0) | (flat >= num_experts)).sum().view(1)
         flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts)).clamp_(0, num_experts)
-    # Float keys: CPU integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
-    order = torch.sort(flat.float() if num_experts < 2 ** 24 else flat, stable=True).indices
+    # Float keys on CPU: its integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
+    float_keys = device.type == "cpu" and num_experts < 2 ** 24
+    order = torch.sort(flat.float() if float_keys else flat, stable=True).indices
     try:  # without a capacity, ids >= E land in bins E and beyond, and bincount refuses negative ones
         bins = torch.bincount(flat, minlength=num_experts + 1)
     except RuntimeError as exc:
@@ -238,19 +239,23 @@ class _DispatchTokens(torch.autograd.Function):
 def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan, pool: Optional[RecycledPool] = None) -> torch.Tensor:
     """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan`` (into memory recycled
     across steps from ``pool`` when given)."""
-    has_empty_rows = plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
-    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, has_empty_rows, pool)
+    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, _has_empty_rows(plan), pool)
+
+
+def _has_empty_rows(plan: DispatchPlan) -> bool:
+    """Whether the buffer has rows that hold no assignment (padding, dropped assignments)."""
+    return plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
 
 
 class _CombineTokens(torch.autograd.Function):
     """``rows [R, D], w [T, k] -> y[t] = sum_j w[t, j] * rows[slot[t, j]]``, gather-reduces only."""
 
     @staticmethod
-    def forward(ctx, rows, weights, slot, row_token, row_weight_index, pool):
+    def forward(ctx, rows, weights, slot, row_token, row_weight_index, has_empty_rows, pool):
         num_tokens, k = weights.shape
         w = weights.to(rows.dtype)
         ctx.save_for_backward(rows, w, slot, row_token, row_weight_index)
-        ctx.weights_dtype, ctx.pool = weights.dtype, pool
+        ctx.weights_dtype, ctx.pool, ctx.has_empty_rows = weights.dtype, pool, has_empty_rows
         return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
 
     @staticmethod
@@ -259,7 +264,7 @@ class _CombineTokens(torch.autograd.Function):
         rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
         grad = grad.to(rows.dtype).contiguous()
         if grad.shape[0] == 0:
-            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None, None
+            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None, None, None
         # grad of row r is grad[token of r] (unweighted first, for the weight gradient)
         safe_token = row_token.clamp(max=grad.shape[0] - 1)
         grad_rows = torch.index_select(grad, 0, safe_token, out=take_or_empty(ctx.pool, rows))
@@ -274,10 +279,10 @@ class _CombineTokens(torch.autograd.Function):
                 torch.sum(products[:stop - start], dim=-1, out=dots[start:stop])
             del products
             grad_w = dots.index_select(0, slot).view_as(w).to(ctx.weights_dtype)
-        # padding rows point at the appended zero weight, so their gradient is zero
-        row_w = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, row_weight_index)
-        grad_rows.mul_(row_w.unsqueeze(-1))
-        return grad_rows, grad_w, None, None, None, None
+        # padding and dropped rows point at an appended zero weight, so their gradient is zero
+        row_weights = torch.cat([w.reshape(-1), w.new_zeros(1)]) if ctx.has_empty_rows else w.reshape(-1)
+        grad_rows.mul_(row_weights.index_select(0, row_weight_index).unsqueeze(-1))
+        return grad_rows, grad_w, None, None, None, None, None
 
 
 _CHUNK_ROWS = 4096
@@ -292,7 +297,8 @@ def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan
     gradient once per row and takes the weight gradients as row-wise dot products; with ``pool`` the
     gathered ``[R, D]`` gradient and the products reuse memory across steps.
     """
-    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, pool)
+    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, _has_empty_rows(plan),
+                                pool)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -389,13 +395,14 @@ class _GroupedMM(torch.autograd.Function):
     :func:`torch.nn.functional.grouped_mm` call (the weight gradient as its 2-D x 2-D form)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, offsets):
+    def forward(ctx, x, weight, bias, offsets, counts):
         out = F.grouped_mm(x, weight, offs=offsets)
         row_expert = None
         if bias is not None:
             row_expert = _row_experts(offsets, x.shape[0])
             out.add_(bias.index_select(0, row_expert))
         ctx.save_for_backward(x, weight, offsets, row_expert)
+        ctx.empty_experts = [e for e, n in enumerate(counts) if n == 0]
         return out
 
     @staticmethod
@@ -406,14 +413,14 @@ class _GroupedMM(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets) if need_x else None
         grad_w = None
-        if need_w:  # experts without rows get zeros whatever the kernel leaves in their slot
+        if need_w:
             grad_w = F.grouped_mm(x.t(), grad, offs=offsets)
-            sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
-            grad_w.masked_fill_((sizes == 0).view(-1, 1, 1), 0)
+            for e in ctx.empty_experts:  # zeros whatever the kernel leaves in their slot
+                grad_w[e].zero_()
         grad_b = None
         if need_b and row_expert is not None:
             grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]).index_add_(0, row_expert, grad)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -478,7 +485,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
     with torch.autocast(device_type=x.device.type, enabled=False):
         if offsets is not None:
             _check_grouped_mm(x, weight, offsets, counts)
-            return _GroupedMM.apply(x.contiguous(), weight, bias, offsets)
+            return _GroupedMM.apply(x.contiguous(), weight, bias, offsets, counts)
         if capacity is not None:
             xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
             return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, pool).view(x.shape[0], weight.shape[-1])

@@ -211,7 +211,10 @@ class TopKRouter(nn.Module):
             probs = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, dim=-1)
             weights, indices = torch.topk(probs, self.k, dim=-1)
             if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+                total = weights.sum(dim=-1, keepdim=True)
+                if self.score == "sigmoid":  # sigmoid scores can all underflow to 0; a softmax top-1 is >= 1/E
+                    total = total.clamp(min=torch.finfo(weights.dtype).tiny)
+                weights = weights / total
         decision = RoutingDecision(logits=logits, probs=probs, weights=weights, indices=indices)
         if self.capacity_factor is not None:
             apply_capacity(decision, expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor))

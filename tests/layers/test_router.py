@@ -158,3 +158,19 @@ def test_arguments_that_would_have_no_effect_or_bad_values_raise():
         TopKRouter(8, 4, init_std=-1.0)
     with pytest.raises(ValueError, match="floating-point input"):
         TopKRouter(8, 4)(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_renormalized_sigmoid_weights_stay_finite_when_every_score_underflows():
+    router = TopKRouter(4, num_experts=3, k=2, score="sigmoid", renormalize=True)
+    with torch.no_grad():
+        router.weight.fill_(1.0)
+    decision = router(torch.full((2, 4), -100.0))  # logits -400: sigmoid underflows to 0 in float32
+    assert torch.isfinite(decision.weights).all() and not decision.weights.any()
+
+
+def test_renormalized_softmax_weights_sum_to_one_even_for_extreme_logits():
+    router = TopKRouter(4, num_experts=3, k=2, renormalize=True)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1e3] * 4, [-1e3] * 4, [0.0] * 4]))
+    decision = router(torch.tensor([[1.0] * 4, [-1.0] * 4]))
+    torch.testing.assert_close(decision.weights.sum(-1), torch.ones(2))
