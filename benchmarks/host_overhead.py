@@ -99,20 +99,21 @@ def time_shape(num_experts: int, k: int, steps: int, repeats: int) -> dict:
 
 
 def markdown(rows: list, fresh: bool) -> list:
+    """The time table (with ratios to the peer), then the op-count table, each under its caption."""
     names = list(rows[0]["us_per_step"])
     lines = [f"Host cost per forward + backward step, D = H = {WIDTH}, {TOKENS} tokens, 1 thread, recycled CPU "
              f"buffers {'off (the CUDA host path)' if fresh else 'on (the CPU default)'}; `x / {PEER}` is the "
              "median of per-round time ratios.", "",
-             "| E | k | " + " | ".join(f"{n} ops" for n in names) + " |", "|---" * (2 + len(names)) + "|"]
-    lines += [f"| {r['E']} | {r['k']} | " + " | ".join(str(r["ops_per_step"][n]) for n in names) + " |" for r in rows]
-    lines += ["", "ATen ops one step dispatches, views apart (on a GPU most of them launch a kernel; counted on the CPU, "
-              "where moemix also converts its sort keys to float).", "",
              "| E | k | " + " | ".join(f"{n} us" for n in names) + " | " + " | ".join(
                  f"{n} / {PEER}" for n in names if n != PEER) + " |",
              "|---" * (2 + 2 * len(names) - 1) + "|"]
     for r in rows:
         lines.append(f"| {r['E']} | {r['k']} | " + " | ".join(f"{r['us_per_step'][n]:.0f}" for n in names) + " | "
                      + " | ".join(f"{r['vs_peer'][n]:.2f}" for n in names if n != PEER) + " |")
+    lines += ["", "ATen ops one step dispatches, views apart (on a GPU most of them launch a kernel; counted on the "
+              "CPU, where moemix also converts its sort keys to float).", "",
+              "| E | k | " + " | ".join(f"{n} ops" for n in names) + " |", "|---" * (2 + len(names)) + "|"]
+    lines += [f"| {r['E']} | {r['k']} | " + " | ".join(str(r["ops_per_step"][n]) for n in names) + " |" for r in rows]
     return lines
 
 
