@@ -72,7 +72,9 @@ class ExpertParallelMoE(SparseMoE):
 
     Args:
         in_features ... shared_hidden_features: as :class:`~moemix.layers.SparseMoE` (all its keywords
-            are accepted). ``dispatch_layout`` has no effect: the all-to-all needs the sorted layout.
+            are accepted). Tokens travel in the sorted layout whatever ``dispatch_layout`` says; the local
+            experts run it through ``F.grouped_mm`` with ``"grouped_mm"``, or with ``"auto"`` where
+            :class:`~moemix.layers.SparseMoE` would (CUDA, bfloat16), else one GEMM per expert slice.
         group: process group the experts are sharded over. Defaults to the default (world) group.
         expert_grad_scale: factor applied to the gradients of the local expert parameters. The local
             experts receive the *sum* over ranks of the gradients of each rank's loss, while DDP *averages*
@@ -174,7 +176,8 @@ class ExpertParallelMoE(SparseMoE):
     def _remote_experts(self, x: torch.Tensor, send_counts: torch.Tensor, send_host: List[int]) -> torch.Tensor:
         """Rows ``[N, D]`` sorted by global expert -> their expert outputs ``[N, D']``, same order."""
         world, local = self.world_size, self.num_local_experts
-        recv_host = exchange_counts(send_counts, self.group).tolist()  # host sync: split sizes
+        recv_counts_dev = exchange_counts(send_counts, self.group)
+        recv_host = recv_counts_dev.tolist()  # host sync: split sizes
         recv_counts = [recv_host[r * local:(r + 1) * local] for r in range(world)]
         input_splits = [sum(send_host[r * local:(r + 1) * local]) for r in range(world)]
         output_splits = [sum(row) for row in recv_counts]
@@ -188,7 +191,12 @@ class ExpertParallelMoE(SparseMoE):
         # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
         # gradient flowing back to the tokens.
         s = self.expert_grad_scale
-        y_recv = scale_grad(self.experts(scale_grad(x_recv, 1.0 / s), local_counts), s)
+        offsets = None
+        if self.dispatch_layout == "grouped_mm" or (self.dispatch_layout == "auto"
+                                                    and self.experts.grouped_mm_pays_off(x_recv)):
+            # slice ends of the local experts from the exchanged counts, on the device (SparseMoE's rule)
+            offsets = torch.cumsum(recv_counts_dev.view(world, local).sum(0), 0, dtype=torch.int32)
+        y_recv = scale_grad(self.experts(scale_grad(x_recv, 1.0 / s), local_counts, offsets=offsets), s)
         if regroup:
             y_recv = permute_rows(y_recv, inverse, index)
         return all_to_all(y_recv, input_splits, output_splits, self.group)

@@ -35,6 +35,8 @@ CASES = {
                                             capacity_factor=0.5, aux_loss="importance"), shapes=((9,), (4,))),
     "batched_input": dict(kwargs=dict(num_experts=4, k=2, shared_expert="averaged"), shapes=((2, 3), (1, 4))),
     "sum_grad_scale": dict(kwargs=dict(num_experts=4, k=2), shapes=((6,), (5,)), expert_grad_scale=1.0),
+    "grouped_mm_experts": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", bias=(True, False),
+                                           dispatch_layout="grouped_mm"), shapes=((7,), (5,))),
 }
 
 
