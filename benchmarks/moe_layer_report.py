@@ -146,19 +146,23 @@ def row_buffers_table(results: dict) -> list:
     return lines
 
 
-def runs_table(runs: list) -> list:
-    """``vs_hf_loop`` of every case in every run, and the median over the runs."""
+def runs_table(runs: list, since: Optional[int] = None) -> list:
+    """``vs_hf_loop`` of every case in every run, the median over the runs and, with ``since``, the median
+    over runs ``since`` to the last (1-based: the runs of a later library)."""
     cases = []
     for results in runs:
         cases += [k for k in results if k != "meta" and k not in cases]
-    lines = ["| case | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | median | target |",
-             "|---" * (len(runs) + 3) + "|"]
+    recent = [] if since is None else [f"median of runs {since}-{len(runs)}"]
+    head = [f"run {i + 1}" for i in range(len(runs))] + ["median"] + recent + ["target"]
+    lines = ["| case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in cases:
         ratios = [r[k]["vs_hf_loop"] if k in r else None for r in runs]
-        median = statistics.median(v for v in ratios if v is not None)
+        medians = [statistics.median(v for v in ratios if v is not None)]
+        if since is not None:
+            medians.append(statistics.median(v for v in ratios[since - 1:] if v is not None))
         hf_min = TARGETS.get(k, (None, None))[0]
-        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ratios)
-                     + f" | {median:.2f} | {'-' if hf_min is None else f'>= {hf_min}'} |")
+        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ratios + medians)
+                     + f" | {'-' if hf_min is None else f'>= {hf_min}'} |")
     return lines
 
 
@@ -191,6 +195,9 @@ def main():
     p.add_argument("--row-buffers", default=None, help="a benchmarks/row_buffers.py run")
     p.add_argument("--cpu-grouped-mm", default=None, help="a CPU run with --layouts ...,grouped_mm")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
+    p.add_argument("--runs-since", type=int, default=None, metavar="N",
+                   help="runs N and later (1-based) timed a later library: also their own median")
+    p.add_argument("--runs-note", default=None, help="a sentence under the runs' list (e.g. which library each timed)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
            "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
@@ -220,7 +227,7 @@ def main():
         out += ["", "## CPU: `vs_hf_loop` across repeated runs", "",
                 "One process per run, run one after another:", ""]
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
-        out += runs_table(runs)
+        out += ([args.runs_note, ""] if args.runs_note else []) + runs_table(runs, args.runs_since)
     named = [(f"run {i + 1}", r) for i, r in enumerate(runs or [default])] + ([("reuse", reuse)] if reuse else [])
     named = [(label, r) for label, r in named if has_loop_blas(r)]
     if named:

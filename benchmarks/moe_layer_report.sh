@@ -13,4 +13,6 @@ R=docs/results
  --note $R/moe_layer_cuda_bfloat16_run3.json "A third machine, with \`\"auto\"\` taking \`grouped_mm\` in bfloat16 (\`moemix\` here)." \
  --note $R/moe_layer_cuda_bfloat16_run4.json "A fourth machine, with \`\"auto\"\` taking \`grouped_mm\` in bfloat16 (\`moemix\` here) and the load-balance loss taken from the plan's counts." \
  --cpu-grouped-mm $R/moe_layer_cpu_grouped_mm.json --workers $R/moe_layer_cpu_workers.json --row-buffers $R/moe_layer_cpu_row_buffers.json \
- --runs $R/moe_layer_cpu.json $R/moe_layer_cpu_run2.json $R/moe_layer_cpu_run3.json $R/moe_layer_cpu_run4.json $R/moe_layer_cpu_run5.json $R/moe_layer_cpu_run6.json > $R/moe_layer.md
+ --runs $R/moe_layer_cpu.json $R/moe_layer_cpu_run2.json $R/moe_layer_cpu_run3.json $R/moe_layer_cpu_run4.json $R/moe_layer_cpu_run5.json $R/moe_layer_cpu_run6.json \
+ $R/moe_layer_cpu_run7.json $R/moe_layer_cpu_run8.json $R/moe_layer_cpu_run9.json --runs-since 7 \
+ --runs-note "Runs 1-6 timed the library of earlier sessions, runs 7-9 the library at commit 99d4994 (aux losses from the plan's counts, fewer ops), one after another on a quiet machine." > $R/moe_layer.md
