@@ -76,3 +76,18 @@ def test_cuda_auto_takes_grouped_mm_in_bfloat16_only():
         moe(x)
     moe.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert plans == ["padded", "grouped_mm", "grouped_mm"]
+
+
+def test_cuda_grouped_mm_empty_experts_and_no_tokens():
+    """bfloat16 takes the grouped_mm layout: experts without rows get zero weight gradients whatever the kernel
+    leaves in their slot, and a batch without tokens runs."""
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 96, num_experts=16, k=2, glu=True, act_layer="silu").cuda().to(torch.bfloat16)
+    x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 6 assignments, 16 experts
+    moe(x).float().sum().backward()
+    empty = moe.tokens_per_expert == 0
+    assert empty.sum() >= 10
+    assert not moe.experts.w1.grad[empty].any() and not moe.experts.w2.grad[empty].any()
+    assert torch.isfinite(moe.experts.w1.grad).all() and torch.isfinite(x.grad).all()
+    y = moe(torch.randn(0, 64, device="cuda", dtype=torch.bfloat16))
+    assert y.shape == (0, 64)
