@@ -9,7 +9,7 @@ balanced and skewed routing (``moe_layer.py``'s routers), one ``SparseMoE`` step
 timed interleaved with ``dispatch_layout`` forced to ``loop``, ``padded`` and ``sorted``. ``padded / loop``
 and ``sorted / loop`` are medians of per-round time ratios (above 1: the loop is faster); ``expert MACs``
 is mean rows x ``D`` x ``2H`` (one expert's first-layer multiply-adds), the size ``"auto"`` weighs
-(:func:`moemix.layers.dispatch.choose_layout`); ``auto`` is what the rule picks for these counts and
+(:func:`moemix.layers.layout_rule.choose_layout`); ``auto`` is what the rule picks for these counts and
 ``auto / best`` its time over the fastest layout's (the largest paired ratio of ``auto`` over a layout; 1 when
 ``auto`` picked the fastest). ``--extra`` times further forced-loop variants of ``moe_layer.py``
 (``loop_serial``, ``loop_workers``, ``loop_unchunked``, ``loop_blas``) in the same rounds and reports each
@@ -29,7 +29,7 @@ from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import (D, LOOP_VARIANTS, Config, expert_counts, make_inputs, make_moemix, make_step,  # noqa: E402
                        make_variant)
 
-from moemix.layers.dispatch import choose_layout  # noqa: E402
+from moemix.layers.layout_rule import choose_layout  # noqa: E402
 
 LAYOUTS = ("loop", "padded", "sorted")
 SHAPES = "8:2:1024,8:2:256,16:2:512,64:8:256,64:8:1024"

@@ -259,13 +259,13 @@ def main():
                        "takes on CUDA in bfloat16 only; `padded / grouped_mm` below 1 means the padded layout is "
                        "faster.", table(gmm, targets=None))
     notes = dict(args.note)
-    runs_of = {}
-    for path in args.cuda:
-        cuda = load_json(path)
-        dtype = cuda["meta"].get("dtype", "float32")
-        runs_of[dtype] = runs_of.get(dtype, 0) + 1
-        several = sum(load_json(p)["meta"].get("dtype", "float32") == dtype for p in args.cuda) > 1
-        title = f"CUDA, {dtype}" + (f", run {runs_of[dtype]}" if several else "")
+    cuda_runs = [(path, load_json(path)) for path in args.cuda]
+    dtypes = [cuda["meta"].get("dtype", "float32") for _, cuda in cuda_runs]
+    for i, (path, cuda) in enumerate(cuda_runs):
+        dtype = dtypes[i]
+        several = dtypes.count(dtype) > 1
+        run_number = dtypes[:i + 1].count(dtype)
+        title = f"CUDA, {dtype}" + (f", run {run_number}" if several else "")
         intro = (notes[path] + " " if path in notes else "") + "The targets above are for 2 CPU cores; none is set for CUDA."
         if any("megablocks" in cuda[k]["ms"] for k in cuda if k != "meta"):
             intro += " `vs_megablocks` is megablocks time / moemix time (higher is better)."

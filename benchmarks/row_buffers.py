@@ -25,7 +25,7 @@ from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import (CONFIGS, ROUTINGS, expert_counts, make_inputs, make_moemix, make_step,  # noqa: E402
                        make_variant)
 
-from moemix.layers.dispatch import choose_layout  # noqa: E402
+from moemix.layers.layout_rule import choose_layout  # noqa: E402
 
 
 def transformers_version() -> str:

@@ -1,7 +1,8 @@
 """Reusable Mixture-of-Experts building blocks."""
 from moemix.layers.activations import get_act_layer
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul, plan_dispatch
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.experts import GroupedExperts
+from moemix.layers.grouped_gemm import grouped_matmul
 from moemix.layers.replace import replace_mlp_with_moe
 from moemix.layers.router import RoutingDecision, TopKRouter, expert_capacity
 from moemix.layers.sparse_moe import SparseMoE

@@ -8,7 +8,8 @@ host sync for the per-expert counts). Four strategies then run the experts:
   temporaries are per expert (experts with adjacent rows share the gather, activation and scatter).
   Fastest on CPU for many rows per expert or large experts.
 - ``"sorted"``: an expert buffer of ``N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]``
-  rows (megablocks dMoE / scattermoe style), one GEMM per slice (:func:`grouped_matmul`).
+  rows (megablocks dMoE / scattermoe style), one GEMM per slice
+  (:func:`~moemix.layers.grouped_gemm.grouped_matmul`, like the two below).
 - ``"padded"``: an expert buffer of ``E * C`` rows, ``C = max(counts)``, viewed as ``[E, C, D]``; all
   experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest on CPU when experts
   get few rows each and little work per call (small batches of small experts) and routing is not too
@@ -17,7 +18,8 @@ host sync for the per-expert counts). Four strategies then run the experts:
   :func:`torch.nn.functional.grouped_mm` call (float32, bfloat16 or float16; the slice ends go to the kernel
   as a device tensor, so the GEMMs need no host counts). ``"auto"`` picks it on CUDA in bfloat16.
 
-``"auto"`` picks per call with :func:`choose_layout` (rules from ``benchmarks/moe_layer.py``). For the
+``"auto"`` picks per call with :func:`~moemix.layers.layout_rule.choose_layout` (rules measured by
+``benchmarks/moe_layer.py`` and ``benchmarks/dispatch_rule.py``). For the
 buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
 serial scatter-add accumulates and the ``[T*k, D]`` per-assignment copies exist only where a GEMM
 needs them.
@@ -29,7 +31,6 @@ them; their output is zero.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -38,34 +39,12 @@ import torch.nn.functional as F
 
 from moemix.layers._first_order import first_order_backward
 from moemix.layers._validate import check_choice
-from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool, take_or_empty
+from moemix.layers.layout_rule import choose_layout
+from moemix.layers.recycled_buffers import RecycledPool, take_or_empty
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul", "LAYOUTS"]
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "LAYOUTS"]
 
 LAYOUTS = ("auto", "loop", "sorted", "padded", "grouped_mm")
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded and benchmarks/dispatch_rule.py
-# (a sweep of expert sizes and rows per expert; table in docs/results/dispatch_rule.md) on 2 CPU cores:
-# the fused per-expert loop wins when an expert has many rows or enough work for its per-call overhead
-# not to matter (mean rows x first-layer multiply-adds per row: 17M was a toss-up, from 34M the loop won
-# or tied); below that the padded batched GEMM wins while padding stays small, and under skew the loop
-# (its chunks share the per-expert ops) beat the sorted slices in 23 of 25 cases (sorted / loop up to 1.29;
-# the sorted slices were ahead by about 1% in the other two).
-PADDED_MAX_MEAN_ROWS = 128
-LOOP_MIN_EXPERT_MACS = 2e7
-PADDED_MAX_WASTE = 1.5
-# On CUDA (H200, torch 2.11, benchmarks/cuda_suite.sh: --quick runs in float32 and bfloat16, CUDA tables of
-# docs/results/moe_layer.md) the batched GEMM beat the sorted slices at every configuration, skewed routing
-# included (up to 4x padding), except `coarse_skewed` (1024 rows per expert) in float32, where the sorted slices
-# took 6.07 ms against its 6.85 (bfloat16: 5.17 against 4.81; an earlier float32 run, `git show
-# e561b56:docs/results/moe_layer.md`, had 5.33 against 6.20); beyond that padding the sorted slices bound the memory.
-PADDED_MAX_WASTE_CUDA = 4.0
-# On CUDA in bfloat16 (H200, torch 2.11, --quick run with --layouts loop,sorted,padded,grouped_mm, the
-# "CUDA, bfloat16, run 2" table of docs/results/moe_layer.md) the grouped_mm layout beat the padded one at 7 of 8
-# configurations (padded / grouped_mm 1.01-1.30, median of per-round ratios) and tied at small_coarse_skewed
-# (0.99); in float32, where F.grouped_mm takes a slow path, the padded layout took 0.37-0.83 of its time except at
-# coarse_skewed. float16 has not been measured, so it keeps the padded/sorted rule.
-GROUPED_MM_AUTO_DTYPES = (torch.bfloat16,)
 
 
 @dataclass
@@ -105,39 +84,6 @@ class DispatchPlan:
         return self.row_token.numel()
 
 
-def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu",
-                  macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False) -> str:
-    """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py
-    and benchmarks/dispatch_rule.py). ``macs_per_row``: multiply-adds of one row through an expert's first
-    layer (``in_features * H'``); None leaves the expert size out of the CPU rule. ``grouped_mm_ok``: the
-    experts can run in ``F.grouped_mm`` and gain by it (:func:`grouped_mm_pays_off`)."""
-    routed = sum(counts)
-    hit = sum(1 for c in counts if c)
-    padded_rows = len(counts) * max(counts, default=0)
-    if device_type == "cuda":
-        if grouped_mm_ok and not num_dropped:
-            return "grouped_mm"
-        if num_dropped or routed == 0 or padded_rows > PADDED_MAX_WASTE_CUDA * routed:
-            return "sorted"
-        return "padded"
-    if num_dropped or routed == 0:
-        return "loop"
-    mean_rows = routed / hit
-    small_experts = mean_rows <= PADDED_MAX_MEAN_ROWS and (
-        macs_per_row is None or mean_rows * macs_per_row < LOOP_MIN_EXPERT_MACS)
-    return "padded" if small_experts and padded_rows <= PADDED_MAX_WASTE * routed else "loop"
-
-
-def grouped_mm_pays_off(device_type: str, dtype: torch.dtype, widths) -> bool:
-    """Whether ``"auto"`` runs experts of these layer ``widths`` (inputs and outputs of both layers) in
-    ``F.grouped_mm``: on CUDA, in a dtype where it was measured faster (``GROUPED_MM_AUTO_DTYPES``), with
-    16-byte aligned rows, on a torch that has it."""
-    if device_type != "cuda" or dtype not in GROUPED_MM_AUTO_DTYPES or not hasattr(F, "grouped_mm"):
-        return False
-    align = 16 // torch.empty((), dtype=dtype).element_size()
-    return all(w % align == 0 for w in widths)
-
-
 def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
     return ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {how_many} outside "
                       "that range")
@@ -156,11 +102,11 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
             ``"grouped_mm"`` plan like ``"sorted"``; ``"loop"`` tells the experts to run the fused per-expert
             loop (:mod:`moemix.layers.expert_loop`) instead of building the buffer, ``"grouped_mm"`` adds the
             slice ends (``offsets``) for :func:`torch.nn.functional.grouped_mm`. Defaults to ``"auto"``
-            (:func:`choose_layout`).
+            (:func:`~moemix.layers.layout_rule.choose_layout`).
         macs_per_row: multiply-adds of one row through an expert's first layer (``in_features * H'``),
             for the ``"auto"`` rule; None: rows per expert only.
         grouped_mm_ok: for the ``"auto"`` rule, the experts can run the ``"grouped_mm"`` layout and gain by
-            it (:func:`grouped_mm_pays_off`). Defaults to False.
+            it (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`). Defaults to False.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
@@ -299,194 +245,3 @@ def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan
     """
     return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, _has_empty_rows(plan),
                                 pool)
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-class _GroupedMatmul(torch.autograd.Function):
-    """Per-expert ``x_e @ w[e] + b[e]`` over contiguous row slices, one output buffer.
-
-    Gradients for the stacked ``w [E, in, out]`` are written slice by slice into one buffer, so no
-    per-expert full-size gradient is ever materialised.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, counts, grad_buffer, pool):
-        rows = sum(counts)
-        out = take_or_empty(pool, x, (x.shape[0], weight.shape[-1]))
-        if rows < x.shape[0]:
-            out[rows:].zero_()
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                stop = start + n
-                if bias is None:
-                    torch.mm(x[start:stop], weight[e], out=out[start:stop])
-                else:
-                    torch.addmm(bias[e], x[start:stop], weight[e], out=out[start:stop])
-                start = stop
-        ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.grad_buffer, ctx.pool = counts, grad_buffer, pool
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        counts = ctx.counts
-        grad = grad.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = None
-        if need_x:
-            grad_x = take_or_empty(ctx.pool, x, x.shape)
-            grad_x[sum(counts):].zero_()  # rows past sum(counts) (dropped) get zero gradient
-        grad_w = take_or_empty(ctx.grad_buffer, weight) if need_w else None
-        grad_b = grad.new_empty(weight.shape[0], weight.shape[-1]) if need_b and ctx.has_bias else None
-        start = 0
-        for e, n in enumerate(counts):
-            stop = start + n
-            if n == 0:
-                if grad_w is not None:
-                    grad_w[e].zero_()
-                if grad_b is not None:
-                    grad_b[e].zero_()
-                continue
-            g = grad[start:stop]
-            if grad_x is not None:
-                torch.mm(g, weight[e].t(), out=grad_x[start:stop])
-            if grad_w is not None:
-                torch.mm(x[start:stop].t(), g, out=grad_w[e])
-            if grad_b is not None:
-                torch.sum(g, dim=0, out=grad_b[e])
-            start = stop
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-class _PaddedMatmul(torch.autograd.Function):
-    """``x[e] @ w[e] + b[e]`` as one batched GEMM over ``[E, C, in]``; the weight gradient goes into a
-    recycled buffer when one is given, the output and the input gradient come from ``pool`` when given."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, grad_buffer, pool):
-        ctx.save_for_backward(x, weight)
-        ctx.grad_buffer, ctx.pool, ctx.has_bias = grad_buffer, pool, bias is not None
-        out = take_or_empty(pool, x, (*x.shape[:2], weight.shape[-1]))
-        return torch.bmm(x, weight, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight, out=out)
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.bmm(grad, weight.transpose(1, 2), out=take_or_empty(ctx.pool, x, x.shape)) \
-            if need_x else None
-        grad_w = torch.bmm(x.transpose(1, 2), grad, out=take_or_empty(ctx.grad_buffer, weight)) if need_w else None
-        grad_b = grad.sum(1) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None
-
-
-class _GroupedMM(torch.autograd.Function):
-    """``x_e @ w[e] + b[e]`` over contiguous row slices ending at ``offsets``, each direction one
-    :func:`torch.nn.functional.grouped_mm` call (the weight gradient as its 2-D x 2-D form)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, offsets, counts):
-        out = F.grouped_mm(x, weight, offs=offsets)
-        row_expert = None
-        if bias is not None:
-            row_expert = _row_experts(offsets, x.shape[0])
-            out.add_(bias.index_select(0, row_expert))
-        ctx.save_for_backward(x, weight, offsets, row_expert)
-        ctx.empty_experts = [e for e, n in enumerate(counts) if n == 0]
-        return out
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, grad):
-        x, weight, offsets, row_expert = ctx.saved_tensors
-        grad = grad.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets) if need_x else None
-        grad_w = None
-        if need_w:
-            grad_w = F.grouped_mm(x.t(), grad, offs=offsets)
-            for e in ctx.empty_experts:  # zeros whatever the kernel leaves in their slot
-                grad_w[e].zero_()
-        grad_b = None
-        if need_b and row_expert is not None:
-            grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]).index_add_(0, row_expert, grad)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[rows]`` expert of each row of a sorted buffer whose slices end at ``offsets`` (on the device)."""
-    return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device, dtype=offsets.dtype), right=True)
-
-
-def _check_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: List[int]) -> None:
-    """What ``F.grouped_mm`` needs, with moemix's names: dtype, 16-byte aligned widths, offsets = cumsum(counts)."""
-    if not hasattr(F, "grouped_mm"):
-        raise RuntimeError(f"the grouped_mm layout needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
-                           "lacks it); use dispatch_layout='sorted' or 'padded'")
-    if x.dtype not in GROUPED_MM_DTYPES:
-        raise ValueError(f"the grouped_mm layout computes in {', '.join(map(str, GROUPED_MM_DTYPES))}, but the "
-                         f"expert layer's input is {x.dtype}; use dispatch_layout='sorted' or 'padded' for it")
-    align = 16 // x.element_size()
-    for name, width in (("input width", weight.shape[1]), ("output width", weight.shape[2])):
-        if width % align:
-            raise ValueError(f"the grouped_mm layout needs every expert layer's widths to be multiples of {align} "
-                             f"in {x.dtype} (16-byte rows for F.grouped_mm), got {name} {width} (weight "
-                             f"{tuple(weight.shape)}); use dispatch_layout='sorted' or 'padded'")
-    if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
-        raise ValueError(f"offsets must be an int32 tensor of shape ({weight.shape[0]},), got {offsets.dtype} "
-                         f"{tuple(offsets.shape)}")
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"the grouped_mm layout needs every row routed: counts sum to {sum(counts)}, x has "
-                         f"{x.shape[0]} rows")
-    # Checked where it costs no device sync; on an accelerator offsets are trusted (plan_dispatch makes them).
-    if offsets.device.type == "cpu" and offsets.tolist() != list(itertools.accumulate(counts)):
-        raise ValueError(f"offsets must be the running sum of counts {list(counts)}, got {offsets.tolist()}")
-
-
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: List[int],
-                   bias: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
-                   grad_buffer: Optional[RecycledBuffer] = None, pool: Optional[RecycledPool] = None,
-                   offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped GEMM over an expert buffer.
-
-    Args:
-        x: ``[R, in]`` expert buffer: sorted layout (``counts[e]`` contiguous rows per expert, rows past
-            ``sum(counts)`` give zero output) or padded layout (``capacity`` rows per expert).
-        weight: ``[E, in, out]`` stacked expert weights.
-        counts: rows of each expert (host ints, length ``E``).
-        bias: optional ``[E, out]``.
-        capacity: rows per expert of the padded layout; None for the sorted layout.
-        grad_buffer: recycles the weight gradient's memory across steps (CPU); see
-            :mod:`moemix.layers.recycled_buffers`.
-        pool: recycles the output's and the input gradient's memory across steps (CPU): fresh
-            ``[R, out]`` rows each step would fault their pages in anew.
-        offsets: ``[E]`` int32 end row of each expert's slice on ``x``'s device (``plan.offsets``, the running
-            sum of ``counts``; checked on CPU only, where that needs no device sync): the sorted layout, every
-            row routed, in :func:`torch.nn.functional.grouped_mm` (``grad_buffer`` and ``pool`` unused). Its
-            kernels want 16-byte rows: ``in`` and ``out`` multiples of 4 in float32, of 8 in bfloat16/float16.
-
-    Returns:
-        ``[R, out]``. Runs in the autocast dtype when autocast is on.
-    """
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if offsets is not None:
-            _check_grouped_mm(x, weight, offsets, counts)
-            return _GroupedMM.apply(x.contiguous(), weight, bias, offsets, counts)
-        if capacity is not None:
-            xb = x.reshape(weight.shape[0], capacity, x.shape[-1])
-            return _PaddedMatmul.apply(xb, weight, bias, grad_buffer, pool).view(x.shape[0], weight.shape[-1])
-        return _GroupedMatmul.apply(x.contiguous(), weight, bias, counts, grad_buffer, pool)

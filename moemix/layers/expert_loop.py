@@ -34,6 +34,7 @@ from moemix.layers._first_order import first_order_backward
 from moemix.layers.activations import activation_backward, activation_forward, apply_activation, gated_activation_grad
 from moemix.layers.cpu_gemm import cpu_gemm, matmul
 from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
+from moemix.layers.grouped_gemm import autocast_dtype
 from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
 
 __all__ = ["fused_expert_mlp", "fused_loop_supports", "expert_chunks", "CHUNK_MAX_ELEMENTS"]
@@ -300,8 +301,8 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
     if not fused_loop_supports(act):
         raise ValueError(f"act must be a built-in activation with a closed-form derivative "
                          f"(SiLU, GELU, ReLU, Tanh, Sigmoid, Identity), got {type(act).__name__}")
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
         b1 = b1.to(dtype) if b1 is not None else None
         b2 = b2.to(dtype) if b2 is not None else None

@@ -9,8 +9,10 @@ from torch import nn
 
 from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, grouped_matmul, grouped_mm_pays_off
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
+from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
+from moemix.layers.layout_rule import grouped_mm_pays_off
 from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
 
 __all__ = ["GroupedExperts"]
@@ -22,7 +24,7 @@ class GroupedExperts(nn.Module):
     Expert ``e`` computes ``fc2_e(drop(act(fc1_e(x))))`` or, with ``glu=True`` (SwiGLU / GeGLU form,
     Shazeer 2020), ``fc2_e(act(gate_e(x)) * up_e(x))``. Weights are stored stacked as
     ``w1 [E, in, hidden]`` (``[E, in, 2 * hidden]`` for GLU: gate then up), ``w2 [E, hidden, out]``,
-    so all experts run through one :func:`~moemix.layers.dispatch.grouped_matmul`.
+    so all experts run through one :func:`~moemix.layers.grouped_gemm.grouped_matmul`.
 
     Args:
         num_experts: ``E``.
@@ -166,9 +168,9 @@ class GroupedExperts(nn.Module):
 
     def grouped_mm_pays_off(self, x: torch.Tensor) -> bool:
         """Whether ``"auto"`` should run these experts on ``x`` in the ``"grouped_mm"`` layout
-        (:func:`~moemix.layers.dispatch.grouped_mm_pays_off`, in the autocast dtype when autocast is on)."""
+        (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`, in the autocast dtype when autocast is on)."""
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.w1.dtype
+        dtype = autocast_dtype(device_type) or self.w1.dtype
         widths = (self.in_features, self.w1.shape[-1], self.hidden_features, self.out_features)
         return grouped_mm_pays_off(device_type, dtype, widths)
 

@@ -1,7 +1,7 @@
 import torch
 
 from moemix.layers import GroupedExperts
-from moemix.layers.dispatch import choose_layout, grouped_mm_pays_off
+from moemix.layers.layout_rule import choose_layout, grouped_mm_pays_off
 
 
 def test_auto_rule_cpu():
@@ -33,19 +33,17 @@ def test_auto_rule_cuda_bfloat16_takes_grouped_mm():
     assert not grouped_mm_pays_off("cuda", torch.bfloat16, (512, 2044, 1022, 512))  # rows not 16-byte aligned
 
 
-def test_experts_ask_for_grouped_mm_in_the_autocast_dtype():
+def test_experts_ask_for_grouped_mm_in_the_autocast_dtype(monkeypatch):
+    import moemix.layers.experts as experts_module
+
+    asked = []
+    monkeypatch.setattr(experts_module, "grouped_mm_pays_off", lambda *args: asked.append(args) or False)
     experts = GroupedExperts(4, 16, 32, glu=True)
     x = torch.randn(3, 16)
-    assert not experts.grouped_mm_pays_off(x)  # CPU
+    assert not experts.grouped_mm_pays_off(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not experts.grouped_mm_pays_off(x)  # still CPU: the rule is for CUDA only
-
-
-def test_auto_rule_cpu_weighs_expert_size():
-    """Few rows per expert still run the loop when each expert's GEMMs are large (benchmarks/dispatch_rule.py)."""
-    big, small = 512 * 2048, 512 * 512  # multiply-adds per row through a 512 -> 2048 or 512 -> 512 first layer
-    assert choose_layout([32] * 8, macs_per_row=big) == "loop"        # 32 rows x 1M: 34M per expert
-    assert choose_layout([16] * 64, macs_per_row=small) == "padded"   # 16 rows x 262k: 4M per expert
-    assert choose_layout([100, 1, 1, 1], macs_per_row=small) == "loop"     # skewed: too much padding
-    assert choose_layout([100, 1, 1, 1], macs_per_row=big) == "loop"  # 26 rows x 1M on average
-    assert choose_layout([32] * 8, macs_per_row=big, device_type="cuda") == "padded"
+        assert not experts.grouped_mm_pays_off(x)
+    widths = (16, 64, 32, 16)  # both layers' inputs and outputs, the GLU's first layer doubled
+    assert asked == [("cpu", torch.float32, widths), ("cpu", torch.bfloat16, widths)]
+    monkeypatch.undo()
+    assert not experts.grouped_mm_pays_off(x)  # the rule itself: CUDA only
