@@ -47,3 +47,13 @@ def test_experts_ask_for_grouped_mm_in_the_autocast_dtype(monkeypatch):
     assert asked == [("cpu", torch.float32, widths), ("cpu", torch.bfloat16, widths)]
     monkeypatch.undo()
     assert not experts.grouped_mm_pays_off(x)  # the rule itself: CUDA only
+
+
+def test_auto_rule_cpu_weighs_expert_size():
+    """Few rows per expert still run the loop when each expert's GEMMs are large (benchmarks/dispatch_rule.py)."""
+    big, small = 512 * 2048, 512 * 512  # multiply-adds per row through a 512 -> 2048 or 512 -> 512 first layer
+    assert choose_layout([32] * 8, macs_per_row=big) == "loop"        # 32 rows x 1M: 34M per expert
+    assert choose_layout([16] * 64, macs_per_row=small) == "padded"   # 16 rows x 262k: 4M per expert
+    assert choose_layout([100, 1, 1, 1], macs_per_row=small) == "loop"     # skewed: too much padding
+    assert choose_layout([100, 1, 1, 1], macs_per_row=big) == "loop"  # 26 rows x 1M on average
+    assert choose_layout([32] * 8, macs_per_row=big, device_type="cuda") == "padded"
