@@ -2,7 +2,9 @@
 
 * :func:`interleaved_medians` times several step functions round-robin (one call of each per round,
   the order rotated every round so no variant always runs first or last) and returns per-variant
-  medians in milliseconds, with every round's time; :func:`paired_ratio` is the median over rounds of
+  medians in milliseconds, with every round's time and the median count of minor page faults per call
+  (fresh memory touched for the first time: on CPU a sign that freed buffers went back to the system
+  and the call paid to map and zero new pages); :func:`paired_ratio` is the median over rounds of
   the ratio of two variants' times.
 * :func:`rss_bytes` / :func:`max_rss_bytes` read the current and peak resident set size of this
   process, used by the per-variant memory subprocess on CPU.
@@ -16,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["sync", "time_call", "interleaved_medians", "paired_ratio", "rss_bytes", "max_rss_bytes", "reset_peak_rss"]
+__all__ = ["sync", "time_call", "minor_faults", "interleaved_medians", "paired_ratio", "rss_bytes", "max_rss_bytes", "reset_peak_rss"]
 
 
 def sync(device: torch.device | str) -> None:
@@ -34,9 +36,15 @@ def time_call(fn: Callable[[], None], device: torch.device | str) -> float:
     return time.perf_counter() - start
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (``getrusage``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device | str, *, repeats: int,
                         warmup: int = 1, budget_s: Optional[float] = None) -> Dict[str, dict]:
-    """Time ``fns`` round-robin; returns ``{name: {"ms": median, "min_ms", "max_ms", "n"}}``.
+    """Time ``fns`` round-robin; returns ``{name: {"ms": median, "min_ms", "max_ms", "n", "samples_ms",
+    "minor_faults"}}`` (``minor_faults``: median per call, see the module doc).
 
     ``warmup`` untimed rounds run first. ``budget_s`` (optional) stops after the round in which the
     timed rounds used that many seconds, but never before 3 timed rounds.
@@ -47,17 +55,20 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device
             fns[name]()
     sync(device)
     samples: Dict[str, List[float]] = {name: [] for name in names}
+    faults: Dict[str, List[int]] = {name: [] for name in names}
     spent = 0.0
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            before = minor_faults()
             dt = time_call(fns[name], device)
+            faults[name].append(minor_faults() - before)
             samples[name].append(dt)
             spent += dt
         if budget_s is not None and r >= 2 and spent > budget_s:
             break
     return {name: {"ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "max_ms": 1e3 * max(s), "n": len(s),
-                   "samples_ms": [1e3 * t for t in s]}
+                   "samples_ms": [1e3 * t for t in s], "minor_faults": statistics.median(faults[name])}
             for name, s in samples.items()}
 
 
