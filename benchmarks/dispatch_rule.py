@@ -9,7 +9,7 @@ balanced and skewed routing (``moe_layer.py``'s routers), one ``SparseMoE`` step
 timed interleaved with ``dispatch_layout`` forced to ``loop``, ``padded`` and ``sorted``. ``padded / loop``
 and ``sorted / loop`` are medians of per-round time ratios (above 1: the loop is faster); ``expert MACs``
 is mean rows x ``D`` x ``2H`` (one expert's first-layer multiply-adds), the size ``"auto"`` weighs
-(:func:`moemix.layers.layout_rule.choose_layout`); ``auto`` is what the rule picks for these counts and
+(:func:`moemix.layers.layout_rule.choose_layout`, with the fused loop's GEMM library on this machine); ``auto`` is what the rule picks for these counts and
 ``auto / best`` its time over the fastest layout's (the largest paired ratio of ``auto`` over a layout; 1 when
 ``auto`` picked the fastest). ``--extra`` times further forced-loop variants of ``moe_layer.py``
 (``loop_serial``, ``loop_workers``, ``loop_unchunked``, ``loop_blas``) in the same rounds and reports each
@@ -56,7 +56,7 @@ def run_case(E: int, k: int, H: int, rows: int, routing: str, args) -> dict:
     counts = expert_counts(moe, x)
     hit = sum(1 for c in counts if c)
     macs_per_row = D * moe.experts.w1.shape[-1]
-    auto = choose_layout(counts, macs_per_row=macs_per_row)
+    auto = choose_layout(counts, macs_per_row=macs_per_row, loop_gemm=moe.experts.loop_gemm(x))
     # the layout auto loses most against, by paired ratio (auto itself when auto is fastest: ratio 1)
     vs_auto = {layout: paired_ratio(timings[auto], timings[layout]) for layout in LAYOUTS}
     best = max(LAYOUTS, key=lambda layout: vs_auto[layout])

@@ -90,7 +90,8 @@ def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
-                  layout: str = "auto", macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False
+                  layout: str = "auto", macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False,
+                  loop_gemm: str = "onednn"
                   ) -> DispatchPlan:
     """Plan the expert buffer for ``[T, k]`` expert ids.
 
@@ -107,6 +108,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
             for the ``"auto"`` rule; None: rows per expert only.
         grouped_mm_ok: for the ``"auto"`` rule, the experts can run the ``"grouped_mm"`` layout and gain by
             it (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`). Defaults to False.
+        loop_gemm: for the ``"auto"`` rule on CPU, the library the fused loop's products would run in
+            (``"onednn"`` or ``"blas"``, :func:`moemix.layers.cpu_gemm.cpu_gemm`). Defaults to ``"onednn"``.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
@@ -134,7 +137,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     if layout in ("padded", "grouped_mm") and num_dropped:
         raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use layout='sorted' with a capacity")
     if layout == "auto":
-        layout = choose_layout(counts, num_dropped, device.type, macs_per_row, grouped_mm_ok)
+        layout = choose_layout(counts, num_dropped, device.type, macs_per_row, grouped_mm_ok, loop_gemm)
     arange = torch.arange(n, device=device)
     if layout != "padded":
         slot = torch.empty_like(order)

@@ -9,6 +9,7 @@ from torch import nn
 
 from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
+from moemix.layers.cpu_gemm import cpu_gemm
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
 from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
@@ -173,6 +174,13 @@ class GroupedExperts(nn.Module):
         dtype = autocast_dtype(device_type) or self.w1.dtype
         widths = (self.in_features, self.w1.shape[-1], self.hidden_features, self.out_features)
         return grouped_mm_pays_off(device_type, dtype, widths)
+
+    def loop_gemm(self, x: torch.Tensor) -> str:
+        """The library (``"onednn"`` or ``"blas"``, :func:`~moemix.layers.cpu_gemm.cpu_gemm`) the fused loop
+        would run its products in on ``x`` (in the autocast dtype when autocast is on): the ``"auto"`` rule
+        weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
+        dtype = autocast_dtype(x.device.type) or x.dtype
+        return cpu_gemm(x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device))
 
     def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
         """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""

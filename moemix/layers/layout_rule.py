@@ -11,19 +11,24 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from moemix.layers._validate import check_choice
 from moemix.layers.grouped_gemm import grouped_mm_alignment
 
 __all__ = ["choose_layout", "grouped_mm_pays_off"]
 
 # "auto" rule, from benchmarks/moe_layer.py --layouts loop,sorted,padded and benchmarks/dispatch_rule.py
-# (a sweep of expert sizes and rows per expert; table in docs/results/dispatch_rule.md) on 2 CPU cores:
-# the fused per-expert loop wins when an expert has many rows or enough work for its per-call overhead
-# not to matter (mean rows x first-layer multiply-adds per row: 17M was a toss-up, from 34M the loop won
-# or tied); below that the padded batched GEMM wins while padding stays small, and under skew the loop
-# (its chunks share the per-expert ops) beat the sorted slices in 23 of 25 cases (sorted / loop up to 1.29;
-# the sorted slices were ahead by about 1% in the other two).
+# (a sweep of expert sizes and rows per expert) on 2 CPU cores: the fused per-expert loop wins when an expert
+# has many rows or enough work for its per-call overhead not to matter; below that the padded batched GEMM
+# wins while padding stays small, and under skew the loop (its chunks share the per-expert ops) beat the
+# sorted slices in 23 of 25 cases (sorted / loop up to 1.29; the sorted slices were ahead by about 1% in the
+# other two). Where "small enough" ends depends on the fused loop's GEMM library (moemix.layers.cpu_gemm):
+# - loop in oneDNN (AMD Zen 4, AVX-512; docs/results/dispatch_rule.md): mean rows x first-layer
+#   multiply-adds per row of 17M was a toss-up, from 34M the loop won or tied;
+# - loop in BLAS, like the padded layout (AMD Zen 3, AVX2; docs/results/dispatch_rule_avx2.md): the padded
+#   layout was ahead in all 7 balanced cases of 34-67M (padded / loop 0.86-1.00) and behind from 134M
+#   (1.01-1.21).
 PADDED_MAX_MEAN_ROWS = 128
-LOOP_MIN_EXPERT_MACS = 2e7
+LOOP_MIN_EXPERT_MACS = {"onednn": 2e7, "blas": 1e8}
 PADDED_MAX_WASTE = 1.5
 # On CUDA (H200, torch 2.11, benchmarks/cuda_suite.sh: --quick runs in float32 and bfloat16, CUDA tables of
 # docs/results/moe_layer.md) the batched GEMM beat the sorted slices at every configuration, skewed routing
@@ -40,11 +45,14 @@ GROUPED_MM_AUTO_DTYPES = (torch.bfloat16,)
 
 
 def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "cpu",
-                  macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False) -> str:
+                  macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False, loop_gemm: str = "onednn") -> str:
     """The strategy ``"auto"`` takes for these per-expert counts (rules measured by benchmarks/moe_layer.py
     and benchmarks/dispatch_rule.py). ``macs_per_row``: multiply-adds of one row through an expert's first
     layer (``in_features * H'``); None leaves the expert size out of the CPU rule. ``grouped_mm_ok``: the
-    experts can run in ``F.grouped_mm`` and gain by it (:func:`grouped_mm_pays_off`)."""
+    experts can run in ``F.grouped_mm`` and gain by it (:func:`grouped_mm_pays_off`). ``loop_gemm``: the
+    library the fused loop's CPU products would run in, ``"onednn"`` or ``"blas"``
+    (:func:`moemix.layers.cpu_gemm.cpu_gemm`); it moves the expert size up to which the padded layout wins."""
+    check_choice("loop_gemm", loop_gemm, tuple(LOOP_MIN_EXPERT_MACS))
     routed = sum(counts)
     hit = sum(1 for c in counts if c)
     padded_rows = len(counts) * max(counts, default=0)
@@ -58,7 +66,7 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
         return "loop"
     mean_rows = routed / hit
     small_experts = mean_rows <= PADDED_MAX_MEAN_ROWS and (
-        macs_per_row is None or mean_rows * macs_per_row < LOOP_MIN_EXPERT_MACS)
+        macs_per_row is None or mean_rows * macs_per_row < LOOP_MIN_EXPERT_MACS[loop_gemm])
     return "padded" if small_experts and padded_rows <= PADDED_MAX_WASTE * routed else "loop"
 
 

@@ -184,9 +184,11 @@ class SparseMoE(nn.Module):
     @torch.compiler.disable
     def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
         # Data-dependent slice sizes: run eagerly under torch.compile (one graph break).
-        grouped_mm_ok = self.dispatch_layout == "auto" and self.experts.grouped_mm_pays_off(tokens)
+        auto = self.dispatch_layout == "auto"
+        grouped_mm_ok = auto and self.experts.grouped_mm_pays_off(tokens)
+        loop_gemm = self.experts.loop_gemm(tokens) if auto else "onednn"
         plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, self.dispatch_layout,
-                             self.experts.in_features * self.experts.w1.shape[-1], grouped_mm_ok)
+                             self.experts.in_features * self.experts.w1.shape[-1], grouped_mm_ok, loop_gemm)
         self.tokens_per_expert = plan.tokens_per_expert.detach()
         self.dropped_tokens = plan.num_dropped
         return self.experts.forward_routed(tokens, decision.weights, plan)

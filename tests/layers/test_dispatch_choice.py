@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moemix.layers import GroupedExperts
@@ -57,3 +58,40 @@ def test_auto_rule_cpu_weighs_expert_size():
     assert choose_layout([100, 1, 1, 1], macs_per_row=small) == "loop"     # skewed: too much padding
     assert choose_layout([100, 1, 1, 1], macs_per_row=big) == "loop"  # 26 rows x 1M on average
     assert choose_layout([32] * 8, macs_per_row=big, device_type="cuda") == "padded"
+
+
+def test_auto_rule_cpu_expert_size_depends_on_the_loop_gemm_library():
+    """With the loop's products in BLAS (as the padded layout's) the padded layout won up to 67M multiply-adds
+    per expert (docs/results/dispatch_rule_avx2.md); with them in oneDNN, the loop from 34M."""
+    big = 512 * 2048
+    assert choose_layout([32] * 8, macs_per_row=big, loop_gemm="onednn") == "loop"   # 34M
+    assert choose_layout([32] * 8, macs_per_row=big, loop_gemm="blas") == "padded"
+    assert choose_layout([64] * 8, macs_per_row=big, loop_gemm="blas") == "padded"   # 67M
+    assert choose_layout([128] * 8, macs_per_row=big, loop_gemm="blas") == "loop"    # 134M
+    assert choose_layout([100, 1, 1, 1], macs_per_row=big, loop_gemm="blas") == "loop"  # padding still bounds it
+    with pytest.raises(ValueError, match="loop_gemm"):
+        choose_layout([32] * 8, macs_per_row=big, loop_gemm="mkl")
+
+
+@pytest.mark.parametrize("setting", ["blas", "onednn"])
+def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
+    import moemix.layers.sparse_moe as sparse_moe_module
+    from moemix.layers import SparseMoE
+    from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, onednn_gemm_usable, set_cpu_gemm
+
+    asked = []
+    real = sparse_moe_module.plan_dispatch
+    monkeypatch.setattr(sparse_moe_module, "plan_dispatch", lambda *args: asked.append(args[-1]) or real(*args))
+    moe = SparseMoE(16, 32, act_layer="silu", glu=True, num_experts=4, k=2)
+    x = torch.randn(6, 16)
+    before = cpu_gemm_setting()
+    set_cpu_gemm(setting)
+    try:
+        moe(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            moe(x)
+        expected = cpu_gemm(x)
+    finally:
+        set_cpu_gemm(before)
+    assert asked == [expected, "blas"]  # the loop runs autocast bfloat16 products in torch.mm
+    assert expected == ("onednn" if setting == "onednn" and onednn_gemm_usable(x) else "blas")
