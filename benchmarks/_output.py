@@ -1,9 +1,31 @@
 """Writing a benchmark's results: its JSON, and a markdown page with the script's description, the
-command line and the table."""
+command line and the table; :func:`cpu_description` names the CPU a run timed."""
 from __future__ import annotations
 
 import json
 from typing import List, Optional
+
+import torch
+
+
+def cpu_description() -> str:
+    """``"<model name>, family F model M, <torch's CPU kernel level>"`` from ``/proc/cpuinfo`` (Linux; the
+    torch part only elsewhere): CPUs of one model name can differ (e.g. "AMD EPYC" for Zen 3 and Zen 4)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    parts = [fields.get("model name")]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    parts.append(torch.backends.cpu.get_cpu_capability())
+    return ", ".join(p for p in parts if p)
 
 
 def write_results(results: dict, table: List[str], doc: str, setting: str, json_path: Optional[str] = None,

@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _output import write_results  # noqa: E402
+from _output import cpu_description, write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import CONFIGS, D  # noqa: E402
 
@@ -83,7 +83,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     by_name = {c.name: c for c in CONFIGS}
     results: dict = {"meta": {"command": "python benchmarks/cpu_gemm.py " + " ".join(sys.argv[1:]),
-                              "torch": torch.__version__, "device": "cpu", "threads": args.threads}}
+                              "torch": torch.__version__, "device": "cpu", "threads": args.threads,
+                              "cpu": cpu_description()}}
     lines = ["| case | product | shape | mm ms | onednn ms | mm / onednn |", "|---" * 6 + "|"]
     print("\n".join(lines))
     for name in args.configs.split(","):
@@ -100,7 +101,7 @@ def main() -> None:
                 "shape": f"{cfg.E}x{rows}x{D} @ {cfg.E}x{D}x{2 * cfg.H}",
                 **measure(padded_pair(cfg.E, rows, cfg.H, g), args.repeats)}
             lines.append(row(name, "padded layer 1: bmm vs per expert", entry))
-    write_results(results, lines, __doc__, f"torch {torch.__version__}, cpu, {args.threads} threads", args.json,
+    write_results(results, lines, __doc__, f"torch {torch.__version__}, cpu ({results['meta']['cpu']}), {args.threads} threads", args.json,
                   args.markdown)
 
 

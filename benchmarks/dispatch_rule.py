@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _output import write_results  # noqa: E402
+from _output import cpu_description, write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import (D, LOOP_VARIANTS, Config, expert_counts, make_inputs, make_moemix, make_step,  # noqa: E402
                        make_variant)
@@ -90,7 +90,7 @@ def main() -> None:
         raise SystemExit(f"--extra: expected names from {', '.join(LOOP_VARIANTS)}, got {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     meta = {"command": "python benchmarks/dispatch_rule.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-            "threads": args.threads}
+            "threads": args.threads, "cpu": cpu_description()}
     results: dict = {"meta": meta, "cases": []}
     extra_cols = "".join(f" {name} / loop |" for name in args.extra)
     lines = ["| E | k | H | rows | routing | padding | expert MACs | loop ms | padded / loop | sorted / loop "
@@ -114,7 +114,8 @@ def main() -> None:
     results["summary"] = summary
     print(summary)
     write_results(results, [*lines, "", summary], __doc__,
-                  f"torch {torch.__version__}, cpu, float32, {args.threads} threads", args.json, args.markdown)
+                  f"torch {torch.__version__}, cpu ({meta['cpu']}), float32, {args.threads} threads", args.json,
+                  args.markdown)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_peak_rss,  # noqa: E402
                      rss_bytes, sync)
 
+from _output import cpu_description  # noqa: E402
 from _megablocks import MEGABLOCKS_DTYPE, make_megablocks, megablocks_import_error, megablocks_problem  # noqa: E402
 
 from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
@@ -655,6 +656,7 @@ def main(argv=None):
         results["meta"]["gpu"] = torch.cuda.get_device_name()
     else:  # the library the fused loop's fp32 products run in by default on this machine
         results["meta"]["cpu_gemm"] = cpu_gemm(torch.empty(1))
+        results["meta"]["cpu"] = cpu_description()
     try:
         import transformers
         results["meta"]["transformers"] = transformers.__version__

@@ -18,7 +18,9 @@ says under a run's command line what it timed (e.g. which ``"auto"`` rule).
 
 ``--runs`` takes further runs of the same command (any subset of configurations, e.g.
 ``--configs small_coarse,small_fine --no-memory``) and adds a table of ``vs_hf_loop`` per run with the
-median over runs, for the configurations whose ratio moves between runs.
+median over runs, for the configurations whose ratio moves between runs; ``--runs-since N ...`` adds the
+median of each group of runs from one ``N`` to the next (runs of a later library, or of another machine:
+every run's command line says which library the fused loop's products ran in, and the CPU when recorded).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import paired_ratio  # noqa: E402
@@ -146,20 +148,22 @@ def row_buffers_table(results: dict) -> list:
     return lines
 
 
-def runs_table(runs: list, since: Optional[int] = None) -> list:
-    """``vs_hf_loop`` of every case in every run, the median over the runs and, with ``since``, the median
-    over runs ``since`` to the last (1-based: the runs of a later library)."""
+def runs_table(runs: list, since: Sequence[int] = ()) -> list:
+    """``vs_hf_loop`` of every case in every run, the median over all runs and, for each ``since`` value, the
+    median over runs from it to the run before the next value (1-based; the runs of a later library or
+    another machine), left out for a single run."""
     cases = []
     for results in runs:
         cases += [k for k in results if k != "meta" and k not in cases]
-    recent = [] if since is None else [f"median of runs {since}-{len(runs)}"]
-    head = [f"run {i + 1}" for i in range(len(runs))] + ["median"] + recent + ["target"]
+    bounds = list(since) + [len(runs) + 1]
+    groups = [(a, b - 1) for a, b in zip(bounds, bounds[1:]) if b - 1 > a]
+    head = ([f"run {i + 1}" for i in range(len(runs))] + ["median"]
+            + [f"median of runs {a}-{b}" for a, b in groups] + ["target"])
     lines = ["| case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in cases:
         ratios = [r[k]["vs_hf_loop"] if k in r else None for r in runs]
         medians = [statistics.median(v for v in ratios if v is not None)]
-        if since is not None:
-            medians.append(statistics.median(v for v in ratios[since - 1:] if v is not None))
+        medians += [statistics.median(v for v in ratios[a - 1:b] if v is not None) for a, b in groups]
         hf_min = TARGETS.get(k, (None, None))[0]
         lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ratios + medians)
                      + f" | {'-' if hf_min is None else f'>= {hf_min}'} |")
@@ -170,7 +174,9 @@ def meta_line(results: dict) -> str:
     m = results["meta"]
     return (f"`{m['command']}`: torch {m['torch']}, transformers {m.get('transformers', '-')}, "
             f"{m.get('dtype', 'float32')}, {m['device']}"
-            f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['threads']} threads, allocator {m.get('allocator', 'default')}")
+            f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}{' (' + m['cpu'] + ')' if 'cpu' in m else ''}, "
+            f"{m['threads']} threads, allocator {m.get('allocator', 'default')}"
+            f"{', fused-loop GEMMs in ' + m['cpu_gemm'] if m.get('device') == 'cpu' and 'cpu_gemm' in m else ''}")
 
 
 def load_json(path: str) -> dict:
@@ -195,8 +201,9 @@ def main():
     p.add_argument("--row-buffers", default=None, help="a benchmarks/row_buffers.py run")
     p.add_argument("--cpu-grouped-mm", default=None, help="a CPU run with --layouts ...,grouped_mm")
     p.add_argument("--runs", nargs="*", default=[], help="more runs of the same command (vs_hf_loop spread)")
-    p.add_argument("--runs-since", type=int, default=None, metavar="N",
-                   help="runs N and later (1-based) timed a later library: also their own median")
+    p.add_argument("--runs-since", type=int, nargs="*", default=[], metavar="N",
+                   help="runs from N (1-based) to the next N timed a later library or another machine: also "
+                        "their own median")
     p.add_argument("--runs-note", default=None, help="a sentence under the runs' list (e.g. which library each timed)")
     args = p.parse_args()
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
@@ -229,12 +236,13 @@ def main():
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += ([args.runs_note, ""] if args.runs_note else []) + runs_table(runs, args.runs_since)
     named = [(f"run {i + 1}", r) for i, r in enumerate(runs or [default])] + ([("reuse", reuse)] if reuse else [])
-    named = [(label, r) for label, r in named if has_loop_blas(r)]
+    # where the loop's default is BLAS, moemix:loop_blas is the same loop: nothing to compare
+    named = [(label, r) for label, r in named if has_loop_blas(r) and r["meta"].get("cpu_gemm") == "onednn"]
     if named:
         out += ["", "## CPU: the fused loop's GEMM library", "",
-                f"This machine's default library for the fused loop's fp32 products is "
-                f"`{default['meta'].get('cpu_gemm', '?')}` (`moemix.layers.cpu_gemm`); `moemix:loop_blas` is the "
-                "same loop with `torch.mm`. Per run, `moemix:loop_blas` time over `moemix:loop` time (median of "
+                "Runs whose fused loop ran its fp32 products in `onednn` (`moemix.layers.cpu_gemm`; runs where "
+                "the default is BLAS are left out: there `moemix:loop_blas` is the same loop); `moemix:loop_blas` "
+                "is the same loop with `torch.mm`. Per run, `moemix:loop_blas` time over `moemix:loop` time (median of "
                 "per-round ratios; above 1 means the default is faster): the runs above (`run i`, default "
                 "allocator) and the freed-memory-reused run (`reuse`); times from the first. Single products: "
                 "`docs/results/cpu_gemm.md`.", ""]

@@ -14,5 +14,6 @@ R=docs/results
  --note $R/moe_layer_cuda_bfloat16_run4.json "A fourth machine, with \`\"auto\"\` taking \`grouped_mm\` in bfloat16 (\`moemix\` here) and the load-balance loss taken from the plan's counts." \
  --cpu-grouped-mm $R/moe_layer_cpu_grouped_mm.json --workers $R/moe_layer_cpu_workers.json --row-buffers $R/moe_layer_cpu_row_buffers.json \
  --runs $R/moe_layer_cpu.json $R/moe_layer_cpu_run2.json $R/moe_layer_cpu_run3.json $R/moe_layer_cpu_run4.json $R/moe_layer_cpu_run5.json $R/moe_layer_cpu_run6.json \
- $R/moe_layer_cpu_run7.json $R/moe_layer_cpu_run8.json $R/moe_layer_cpu_run9.json --runs-since 7 \
- --runs-note "Runs 1-6 timed the library of earlier sessions, runs 7-9 the library at commit 99d4994 (aux losses from the plan's counts, fewer ops), one after another on a quiet machine." > $R/moe_layer.md
+ $R/moe_layer_cpu_run7.json $R/moe_layer_cpu_run8.json $R/moe_layer_cpu_run9.json \
+ $R/moe_layer_cpu_run10.json $R/moe_layer_cpu_run11.json $R/moe_layer_cpu_run12.json --runs-since 7 10 11 \
+ --runs-note "Runs 1-9 ran on AMD EPYC Zen 4 machines (AVX-512), where the fused loop's products run in oneDNN: runs 1-6 timed the library of earlier sessions, runs 7-9 the library at commit 99d4994 (aux losses from the plan's counts, fewer ops), one after another on a quiet machine. Runs 10-12 ran on an AMD EPYC Zen 3 (family 25 model 1, AVX2), where every variant's products run in BLAS: run 10 timed the library at commit e7bb8bc, runs 11-12 the library at 1a5647c, whose \`\"auto\"\` rule takes the padded layout up to 1e8 multiply-adds per expert where the loop runs in BLAS (\`small_coarse\` balanced: padded, the loop before). Medians over all runs pool the two machine kinds." > $R/moe_layer.md

@@ -14,7 +14,8 @@ AMD CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 k
 and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch mode
 or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
 tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own
-tuned library; ARM; bf16/fp16; CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the
+tuned library; AMD without AVX-512, e.g. Zen 3, where oneDNN was slower at 23 of the loop's 26 products and at
+most 7% faster at the others, ``docs/results/cpu_gemm_avx2.md``; ARM; bf16/fp16; CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the
 ``MOEMIX_CPU_GEMM`` environment variable (``auto``, ``blas``, ``onednn``) overrides the choice
 process-wide; ``onednn`` still falls back to BLAS where oneDNN cannot run (not fp32 on CPU, not built
 in, disabled, a mode or tracing active).
