@@ -17,7 +17,39 @@ def test_loop_blas_variant_is_timed_and_the_report_renders_the_gemm_library_tabl
     assert set(entry["param_dtypes"].values()) == {"float32"}
     timings = results["small_coarse"]["timing_detail"]
     assert len(timings["moemix:loop_blas"]["samples_ms"]) == len(timings["moemix:loop"]["samples_ms"]) >= 2
+    assert all(t["minor_faults"] >= 0 for t in timings.values())
+    assert results["meta"]["cpu"]  # the CPU model the run timed
+    title = "## CPU: the fused loop's GEMM library"
     report = _run("benchmarks/moe_layer_report.py", str(out)).stdout
-    section = report.split("## CPU: the fused loop's GEMM library")[1]
-    assert f"default library for the fused loop's fp32 products is `{results['meta']['cpu_gemm']}`" in section
+    assert f"fused-loop GEMMs in {results['meta']['cpu_gemm']}" in report
+    # the table compares the loop in oneDNN with the loop in torch.mm: left out where both are torch.mm
+    assert (title in report) == (results["meta"]["cpu_gemm"] == "onednn")
+    results["meta"]["cpu_gemm"] = "onednn"  # a run recorded on a machine whose loop runs in oneDNN
+    onednn_run = tmp_path / "moe_onednn.json"
+    onednn_run.write_text(json.dumps(results))
+    section = _run("benchmarks/moe_layer_report.py", str(onednn_run)).stdout.split(title)[1]
+    assert "Runs whose fused loop ran its fp32 products in `onednn`" in section
     assert "| small_coarse |" in section
+
+
+def test_runs_table_gives_each_group_of_runs_its_median():
+    import importlib.util
+    import os
+    import sys
+
+    from tests.benchmarks.test_row_buffers_script import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("moe_layer_report",
+                                                      os.path.join(ROOT, "benchmarks", "moe_layer_report.py"))
+        report = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(report)
+    finally:
+        sys.path.pop(0)
+    runs = [{"meta": {}, "small_coarse": {"vs_hf_loop": v}} for v in (1.0, 1.2, 1.4, 2.0, 1.1, 1.3)]
+    lines = report.runs_table(runs, since=[3, 4, 5])  # groups: runs 3 (one run: no median), 4, 5-6
+    assert lines[0].endswith("| run 6 | median | median of runs 5-6 | target |")
+    assert "median of runs 3" not in lines[0] and "median of runs 4" not in lines[0]
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[0] == "small_coarse" and cells[7:9] == ["1.25", "1.20"]  # all six; runs 5-6
