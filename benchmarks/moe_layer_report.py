@@ -206,6 +206,9 @@ def main():
                         "their own median")
     p.add_argument("--runs-note", default=None, help="a sentence under the runs' list (e.g. which library each timed)")
     args = p.parse_args()
+    if any(not 1 <= n <= len(args.runs) for n in args.runs_since) or args.runs_since != sorted(set(args.runs_since)):
+        p.error(f"--runs-since: expected increasing run numbers from 1 to {len(args.runs)} (the --runs given), "
+                f"got {args.runs_since}")
     out = ["# MoE layer speed: moemix vs the HF loop, GShard and a dense FFN", "",
            "Produced by `benchmarks/moe_layer.py` and formatted by `benchmarks/moe_layer_report.py` (see its "
            "docstring for the commands; `bash benchmarks/moe_layer_report.sh` rewrites this page from the runs kept "

@@ -14,8 +14,9 @@ AMD CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 k
 and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch mode
 or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
 tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own
-tuned library; AMD without AVX-512, e.g. Zen 3, where oneDNN was slower at 23 of the loop's 26 products and at
-most 7% faster at the others, ``docs/results/cpu_gemm_avx2.md``; ARM; bf16/fp16; CUDA) it is ``torch.mm``. :func:`set_cpu_gemm` or the
+tuned library; AMD without AVX-512, e.g. Zen 3, where oneDNN was slower at 21 of the loop's 24 products
+and at most 7% faster at the other 3, ``docs/results/cpu_gemm_avx2.md``; ARM; bf16/fp16; CUDA) it is
+``torch.mm``. :func:`set_cpu_gemm` or the
 ``MOEMIX_CPU_GEMM`` environment variable (``auto``, ``blas``, ``onednn``) overrides the choice
 process-wide; ``onednn`` still falls back to BLAS where oneDNN cannot run (not fp32 on CPU, not built
 in, disabled, a mode or tracing active).
@@ -97,15 +98,19 @@ def python_modes_active() -> bool:
         not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
 
 
-def onednn_gemm_usable(a: Tensor) -> bool:
-    """Whether oneDNN can run a product of ``a``'s kind here and now (whatever the setting)."""
+def onednn_gemm_usable(a: Tensor, modes: bool = True) -> bool:
+    """Whether oneDNN can run a product of ``a``'s kind here and now (whatever the setting); ``modes=False``
+    leaves out the checks for ``torch.compile`` tracing and Python modes (see :func:`cpu_gemm`)."""
     return (a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_linear() is not None
-            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() and not python_modes_active())
+            and torch.backends.mkldnn.enabled
+            and not (modes and (torch.compiler.is_compiling() or python_modes_active())))
 
 
-def cpu_gemm(a: Tensor) -> str:
-    """``"onednn"`` or ``"blas"``: the library that runs products of ``a``'s kind under the setting."""
-    if _setting == "blas" or not onednn_gemm_usable(a):
+def cpu_gemm(a: Tensor, modes: bool = True) -> str:
+    """``"onednn"`` or ``"blas"``: the library that runs products of ``a``'s kind under the setting.
+    ``modes=False``: the library outside any tracing or Python mode, what a plain run uses (the ``"auto"``
+    layout rule weighs that, so that e.g. ``FlopCounterMode`` sees the layout a plain run takes)."""
+    if _setting == "blas" or not onednn_gemm_usable(a, modes):
         return "blas"
     return "onednn" if _setting == "onednn" or _measured_machine() else "blas"
 

@@ -177,10 +177,11 @@ class GroupedExperts(nn.Module):
 
     def loop_gemm(self, x: torch.Tensor) -> str:
         """The library (``"onednn"`` or ``"blas"``, :func:`~moemix.layers.cpu_gemm.cpu_gemm`) the fused loop
-        would run its products in on ``x`` (in the autocast dtype when autocast is on): the ``"auto"`` rule
-        weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
+        would run its products in on ``x`` in a plain run (in the autocast dtype when autocast is on; tracing
+        and Python modes such as ``FlopCounterMode`` left out, so they see the layout a plain run takes): the
+        ``"auto"`` rule weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
         dtype = autocast_dtype(x.device.type) or x.dtype
-        return cpu_gemm(x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device))
+        return cpu_gemm(x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device), modes=False)
 
     def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
         """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""

@@ -25,8 +25,9 @@ __all__ = ["choose_layout", "grouped_mm_pays_off"]
 # - loop in oneDNN (AMD Zen 4, AVX-512; docs/results/dispatch_rule.md): mean rows x first-layer
 #   multiply-adds per row of 17M was a toss-up, from 34M the loop won or tied;
 # - loop in BLAS, like the padded layout (AMD Zen 3, AVX2; docs/results/dispatch_rule_avx2.md): the padded
-#   layout was ahead in all 7 balanced cases of 34-67M (padded / loop 0.86-1.00) and behind from 134M
-#   (1.01-1.21).
+#   layout was ahead or level in all 8 balanced cases of 34-67M (padded / loop 0.86-1.00) and level or
+#   behind from 134M (1.00-1.21). Measured in float32 only: autocast bf16/fp16 and float64 (the loop in
+#   torch.mm there too) take the BLAS threshold unmeasured.
 PADDED_MAX_MEAN_ROWS = 128
 LOOP_MIN_EXPERT_MACS = {"onednn": 2e7, "blas": 1e8}
 PADDED_MAX_WASTE = 1.5

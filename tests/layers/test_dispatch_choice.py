@@ -77,6 +77,8 @@ def test_auto_rule_cpu_expert_size_depends_on_the_loop_gemm_library():
 def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
     import moemix.layers.sparse_moe as sparse_moe_module
     from moemix.layers import SparseMoE
+    from torch.utils.flop_counter import FlopCounterMode
+
     from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, onednn_gemm_usable, set_cpu_gemm
 
     asked = []
@@ -90,8 +92,10 @@ def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
         moe(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             moe(x)
+        with FlopCounterMode(display=False):  # the loop runs torch.mm here, but the layout is a plain run's
+            moe(x)
         expected = cpu_gemm(x)
     finally:
         set_cpu_gemm(before)
-    assert asked == [expected, "blas"]  # the loop runs autocast bfloat16 products in torch.mm
+    assert asked == [expected, "blas", expected]  # the loop runs autocast bfloat16 products in torch.mm
     assert expected == ("onednn" if setting == "onednn" and onednn_gemm_usable(x) else "blas")
