@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["sync", "time_call", "minor_faults", "interleaved_medians", "paired_ratio", "rss_bytes", "max_rss_bytes", "reset_peak_rss"]
+__all__ = ["sync", "time_call", "minor_faults", "interleaved_medians", "paired_ratio", "rss_bytes", "max_rss_bytes",
+           "reset_peak_rss"]
 
 
 def sync(device: torch.device | str) -> None:

@@ -101,8 +101,8 @@ def main() -> None:
                 "shape": f"{cfg.E}x{rows}x{D} @ {cfg.E}x{D}x{2 * cfg.H}",
                 **measure(padded_pair(cfg.E, rows, cfg.H, g), args.repeats)}
             lines.append(row(name, "padded layer 1: bmm vs per expert", entry))
-    write_results(results, lines, __doc__, f"torch {torch.__version__}, cpu ({results['meta']['cpu']}), {args.threads} threads", args.json,
-                  args.markdown)
+    setting = f"torch {torch.__version__}, cpu ({results['meta']['cpu']}), {args.threads} threads"
+    write_results(results, lines, __doc__, setting, args.json, args.markdown)
 
 
 if __name__ == "__main__":

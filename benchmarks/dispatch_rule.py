@@ -9,8 +9,8 @@ balanced and skewed routing (``moe_layer.py``'s routers), one ``SparseMoE`` step
 timed interleaved with ``dispatch_layout`` forced to ``loop``, ``padded`` and ``sorted``. ``padded / loop``
 and ``sorted / loop`` are medians of per-round time ratios (above 1: the loop is faster); ``expert MACs``
 is mean rows x ``D`` x ``2H`` (one expert's first-layer multiply-adds), the size ``"auto"`` weighs
-(:func:`moemix.layers.layout_rule.choose_layout`, with the fused loop's GEMM library on this machine); ``auto`` is what the rule picks for these counts and
-``auto / best`` its time over the fastest layout's (the largest paired ratio of ``auto`` over a layout; 1 when
+(:func:`moemix.layers.layout_rule.choose_layout`, with the fused loop's GEMM library on this machine);
+``auto`` is what the rule picks for these counts and ``auto / best`` its time over the fastest layout's (the largest paired ratio of ``auto`` over a layout; 1 when
 ``auto`` picked the fastest). ``--extra`` times further forced-loop variants of ``moe_layer.py``
 (``loop_serial``, ``loop_workers``, ``loop_unchunked``, ``loop_blas``) in the same rounds and reports each
 one's time over ``loop``'s; they do not count as layouts ``auto`` could pick.
