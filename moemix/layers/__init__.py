@@ -3,13 +3,15 @@ from moemix.layers.activations import get_act_layer
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.grouped_gemm import grouped_matmul
+from moemix.layers.moe_layer import MoELayer
 from moemix.layers.replace import replace_mlp_with_moe
+from moemix.layers.routed_experts import RoutedExperts
 from moemix.layers.router import RoutingDecision, TopKRouter, expert_capacity
 from moemix.layers.sparse_moe import SparseMoE
 
 __all__ = [
     "TopKRouter", "RoutingDecision", "expert_capacity",
-    "GroupedExperts", "SparseMoE", "replace_mlp_with_moe",
+    "RoutedExperts", "GroupedExperts", "MoELayer", "SparseMoE", "replace_mlp_with_moe",
     "DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul",
     "get_act_layer",
 ]

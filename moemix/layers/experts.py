@@ -10,16 +10,18 @@ from torch import nn
 from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.cpu_gemm import cpu_gemm
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
 from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
 from moemix.layers.layout_rule import grouped_mm_pays_off
 from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
+from moemix.layers.routed_experts import RoutedExperts
+from moemix.layers.router import RoutingDecision
 
 __all__ = ["GroupedExperts"]
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(RoutedExperts):
     """``E`` two-layer MLP experts with stacked weights.
 
     Expert ``e`` computes ``fc2_e(drop(act(fc1_e(x))))`` or, with ``glu=True`` (SwiGLU / GeGLU form,
@@ -44,7 +46,8 @@ class GroupedExperts(nn.Module):
         ``forward(x [R, D], counts, capacity=None, offsets=None) -> [R, out]`` on an expert buffer: rows
         sorted by expert with ``counts[e]`` rows for expert ``e``, or, with ``capacity``, ``capacity`` rows
         per expert (padded layout), or, with ``offsets`` (``[E]`` int32 slice ends), the sorted rows in
-        :func:`torch.nn.functional.grouped_mm` (see :mod:`moemix.layers.dispatch`).
+        :func:`torch.nn.functional.grouped_mm` (see :mod:`moemix.layers.dispatch`). ``counts=None`` with a
+        single expert runs every row through it (a dense FFN, as the shared expert of ``SparseMoE``).
     """
 
     def __init__(
@@ -152,6 +155,15 @@ class GroupedExperts(nn.Module):
         return torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
                           for layer in layers])
 
+    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
+        """The dispatch plan for tokens ``x [T, D]``; ``"auto"`` weighs rows per expert, the experts' size, the
+        CPU GEMM library of the fused loop and whether ``F.grouped_mm`` pays off
+        (:func:`~moemix.layers.layout_rule.choose_layout`)."""
+        auto = layout == "auto"
+        return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout,
+                             self.in_features * self.w1.shape[-1], auto and self.grouped_mm_pays_off(x),
+                             self.loop_gemm(x) if auto else "onednn")
+
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.
 
@@ -199,9 +211,14 @@ class GroupedExperts(nn.Module):
         if max(counts, default=0) > capacity:
             raise ValueError(f"counts must be <= capacity={capacity} in the padded layout, got {list(counts)}")
 
-    def forward(self, x: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
+    def forward(self, x: torch.Tensor, counts: Optional[List[int]] = None, capacity: Optional[int] = None,
                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_last_dim(type(self).__name__, x, self.in_features)
+        if counts is None:
+            if self.num_experts != 1:
+                raise ValueError(f"counts may be None only with a single expert, this layer has "
+                                 f"num_experts={self.num_experts}")
+            counts = [x.shape[0]]
         self._check_counts(counts, capacity, x.shape[0])
         if offsets is not None and capacity is not None:
             raise ValueError("offsets (grouped_mm layout) and capacity (padded layout) exclude each other")

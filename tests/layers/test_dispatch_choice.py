@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import moemix.layers.sparse_moe as sparse_moe_module
+import moemix.layers.experts as experts_module
 from moemix.layers import GroupedExperts, SparseMoE
 from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, onednn_gemm_usable, set_cpu_gemm
 from moemix.layers.layout_rule import choose_layout, grouped_mm_pays_off
@@ -79,8 +79,8 @@ def test_auto_rule_cpu_expert_size_depends_on_the_loop_gemm_library():
 @pytest.mark.parametrize("setting", ["blas", "onednn"])
 def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
     asked = []
-    real = sparse_moe_module.plan_dispatch
-    monkeypatch.setattr(sparse_moe_module, "plan_dispatch", lambda *args: asked.append(args[-1]) or real(*args))
+    real = experts_module.plan_dispatch
+    monkeypatch.setattr(experts_module, "plan_dispatch", lambda *args: asked.append(args[-1]) or real(*args))
     moe = SparseMoE(16, 32, act_layer="silu", glu=True, num_experts=4, k=2)
     x = torch.randn(6, 16)
     before = cpu_gemm_setting()

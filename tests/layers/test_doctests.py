@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["moemix.layers.sparse_moe"]
+MODULES = ["moemix.layers.sparse_moe", "moemix.layers.moe_layer", "moemix.layers.routed_experts"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,65 @@
+"""The interface of the experts an MoE layer routes tokens to: plan the dispatch, run the routed rows."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.router import RoutingDecision
+
+__all__ = ["RoutedExperts"]
+
+
+class RoutedExperts(nn.Module):
+    """Base class of a set of experts behind :class:`~moemix.layers.MoELayer` (and so ``SparseMoE``).
+
+    A subclass sets ``num_experts``, ``in_features`` and ``out_features`` and implements ``forward`` on the
+    expert buffer that :func:`~moemix.layers.dispatch_tokens` builds::
+
+        forward(rows [R, D], counts, capacity=None, offsets=None) -> [R, D']
+
+    ``rows`` are sorted by expert, ``counts[e]`` (host ints) rows for expert ``e``; with ``capacity`` every
+    expert owns ``capacity`` rows (padded layout, the padding rows are zero and their outputs are never
+    read); ``offsets`` (``[E]`` int32 slice ends, ``"grouped_mm"`` layout) may be ignored, the rows are
+    the sorted ones. Dropped assignments (capacity mode) trail the last expert's rows; their outputs are
+    not read either. Everything else comes from this class: :meth:`plan_routing` sorts the router's
+    assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs ``forward``
+    and sums each token's expert outputs with its router weights. A subclass with a faster path overrides
+    those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an ``"auto"`` rule
+    that weighs the experts' size).
+
+    Example (linear experts, one ``[D, D']`` matrix each):
+        >>> from moemix.layers import MoELayer, TopKRouter, grouped_matmul
+        >>> class LinearExperts(RoutedExperts):
+        ...     def __init__(self, num_experts, in_features, out_features):
+        ...         super().__init__()
+        ...         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        ...         self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features) / in_features ** 0.5)
+        ...     def forward(self, rows, counts, capacity=None, offsets=None):
+        ...         return grouped_matmul(rows, self.weight, counts, capacity=capacity)
+        >>> layer = MoELayer(TopKRouter(16, num_experts=4, k=2), LinearExperts(4, 16, 32))
+        >>> layer(torch.randn(3, 5, 16)).shape
+        torch.Size([3, 5, 32])
+    """
+
+    num_experts: int
+    in_features: int
+    out_features: int
+
+    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
+        """The dispatch plan for tokens ``x [T, D]`` routed by ``decision`` in ``layout``
+        (:func:`~moemix.layers.plan_dispatch`; ``"auto"`` weighs rows per expert only, and ``"loop"`` plans
+        the sorted buffer unless ``forward_routed`` runs a loop of its own)."""
+        return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout)
+
+    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]``, ``weights [T, k]``."""
+        out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity, plan.offsets)
+        return combine_tokens(out_rows, weights, plan)
+
+    def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
+                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(rows, counts, capacity=None, "
+                                  "offsets=None) on the expert buffer")

@@ -1,0 +1,181 @@
+"""MoELayer from parts: one's own router scoring and one's own experts on the shared dispatch."""
+import pytest
+import torch
+from torch import nn
+
+from moemix.layers import GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul
+from moemix.losses import collect_aux_loss
+
+from tests.layers._reference import output_and_grads
+
+D, DOUT, E = 12, 7, 5
+
+
+class LinearExperts(RoutedExperts):
+    """One ``[D, D']`` matrix per expert, on the expert buffer."""
+
+    def __init__(self, num_experts, in_features, out_features):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features))
+
+    def forward(self, rows, counts, capacity=None, offsets=None):
+        return grouped_matmul(rows, self.weight, counts, capacity=capacity)
+
+
+class TokenIdRouter(TopKRouter):
+    """Scores from a fixed table by token position (its own ``compute_logits``): token ``t`` prefers
+    experts ``t % E`` then ``(t + 1) % E``."""
+
+    def compute_logits(self, x):
+        t = torch.arange(x.shape[0], device=x.device)
+        logits = torch.zeros(x.shape[0], self.num_experts, device=x.device)
+        logits[t, t % self.num_experts] = 2.0
+        logits[t, (t + 1) % self.num_experts] = 1.0
+        return logits + 0 * super().compute_logits(x)  # keeps the gate in the graph (z-loss, gradients)
+
+
+def reference(layer, x):
+    """``sum_j w_j x @ W_{i_j}`` with the layer's own routing, by a loop over tokens and choices."""
+    tokens = x.reshape(-1, D)
+    decision = layer.router(tokens)
+    out = tokens.new_zeros(tokens.shape[0], layer.out_features)
+    for t in range(tokens.shape[0]):
+        for j in range(decision.indices.shape[1]):
+            if decision.kept is None or decision.kept[t, j]:
+                out[t] += decision.weights[t, j] * (tokens[t] @ layer.experts.weight[decision.indices[t, j]])
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+@pytest.mark.parametrize("layout", ["auto", "loop", "sorted", "padded", "grouped_mm"])
+def test_own_experts_match_the_reference(layout):
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT), dispatch_layout=layout)
+    x = torch.randn(3, 4, D)
+    if layout == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    out, grad_x, grads = output_and_grads(layer, x, layer)
+    ref, ref_grad_x, ref_grads = output_and_grads(layer, x, lambda v: reference(layer, v))
+    assert out.shape == (3, 4, DOUT)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5)
+    assert layer.tokens_per_expert.sum().item() == 12 * 2 and layer.dropped_tokens == 0
+
+
+def test_own_experts_with_a_capacity_drop_exactly_the_overflow():
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, 2, capacity_factor=0.5)
+    layer = MoELayer(router, LinearExperts(E, D, DOUT))
+    x = torch.randn(20, D)
+    out = layer(x)
+    decision = router(x)
+    assert layer.dropped_tokens == decision.num_dropped > 0
+    torch.testing.assert_close(out, reference(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_own_router_scoring_routes_as_it_says():
+    torch.manual_seed(0)
+    layer = MoELayer(TokenIdRouter(D, E, 2), LinearExperts(E, D, DOUT))
+    x = torch.randn(2 * E, D)
+    out = layer(x)
+    assert layer.tokens_per_expert.tolist() == [4] * E  # every expert first choice of 2 tokens, second of 2
+    torch.testing.assert_close(out, reference(layer, x), atol=1e-5, rtol=1e-5)
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad is not None
+
+
+def test_unselected_experts_get_zero_gradient():
+    torch.manual_seed(0)
+    layer = MoELayer(TokenIdRouter(D, E, 1), LinearExperts(E, D, DOUT))
+    layer(torch.randn(3, D)).sum().backward()  # tokens 0, 1, 2 go to experts 0, 1, 2
+    grad = layer.experts.weight.grad
+    assert grad[3:].abs().sum() == 0 and (grad[:3].abs().sum(dim=(1, 2)) > 0).all()
+
+
+def test_parts_equal_sparse_moe():
+    torch.manual_seed(0)
+    moe = SparseMoE(D, 16, act_layer="silu", glu=True, num_experts=E, k=2, shared_expert="gated")
+    router = TopKRouter(D, E, 2)
+    experts = GroupedExperts(E, D, 16, act_layer="silu", glu=True)
+    shared = GroupedExperts(1, D, 16, act_layer="silu", glu=True)
+    layer = MoELayer(router, experts, shared_expert=shared, shared_gate=nn.Linear(D, 1, bias=False))
+    layer.load_state_dict(moe.state_dict())
+    assert list(layer.state_dict()) == list(moe.state_dict())
+    x = torch.randn(2, 9, D)
+    out, grad_x, grads = output_and_grads(layer, x, layer)
+    ref, ref_grad_x, ref_grads = output_and_grads(moe, x, moe)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad_x, ref_grad_x)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name])
+    torch.testing.assert_close(layer.aux_loss, moe.aux_loss)
+    assert layer.aux_losses.keys() == moe.aux_losses.keys()
+
+
+def test_averaged_shared_expert_of_any_module():
+    torch.manual_seed(0)
+    shared = nn.Linear(D, DOUT)
+    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT), shared_expert=shared)
+    x = torch.randn(6, D)
+    torch.testing.assert_close(layer(x), (reference(layer, x) + shared(x)) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_aux_losses_reach_collect_aux_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, D), aux_loss="importance"),
+                          MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, D), z_loss_coef=0.0))
+    model(torch.randn(8, D))
+    assert set(model[0].aux_losses) == {"loss_importance_load", "loss_z"}
+    assert set(model[1].aux_losses) == {"loss_balance"}
+    torch.testing.assert_close(collect_aux_loss(model), model[0].aux_loss + model[1].aux_loss)
+
+
+def test_sparse_moe_state_dict_keys_are_unchanged():
+    moe = SparseMoE(D, 16, num_experts=E, shared_expert="gated")
+    assert list(moe.state_dict()) == ["router.weight", "experts.w1", "experts.b1", "experts.w2", "experts.b2",
+                                      "shared_expert.w1", "shared_expert.b1", "shared_expert.w2",
+                                      "shared_expert.b2", "shared_gate.weight"]
+
+
+def test_single_grouped_expert_runs_dense_without_counts():
+    torch.manual_seed(0)
+    one = GroupedExperts(1, D, 16)
+    x = torch.randn(5, D)
+    torch.testing.assert_close(one(x), one(x, [5]))
+    with pytest.raises(ValueError, match="counts may be None only with a single expert"):
+        GroupedExperts(2, D, 16)(x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(router=nn.Linear(D, E)), "router must have an int attribute 'num_experts'"),
+    (dict(router="softmax"), "router must be an nn.Module"),
+    (dict(experts=nn.Linear(D, DOUT)), "experts must have 'num_experts'"),
+    (dict(experts=LinearExperts(E + 1, D, DOUT)), r"experts.num_experts must equal router.num_experts=5, got 6"),
+    (dict(experts=LinearExperts(E, D + 1, DOUT)), r"experts.in_features must equal router.in_features=12, got 13"),
+    (dict(shared_gate=nn.Linear(D, 1)), "shared_gate applies only with a shared_expert"),
+    (dict(aux_loss="balance"), "aux_loss"),
+    (dict(dispatch_layout="fast"), "dispatch_layout"),
+    (dict(router=TopKRouter(D, E, 2, capacity_factor=1.0), dispatch_layout="padded"), "capacity_factor"),
+])
+def test_bad_parts_raise(kwargs, match):
+    args = dict(router=TopKRouter(D, E, 2), experts=LinearExperts(E, D, DOUT))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MoELayer(args.pop("router"), args.pop("experts"), **args)
+
+
+def test_experts_without_forward_say_what_is_missing():
+    class NoForward(RoutedExperts):
+        num_experts, in_features, out_features = E, D, DOUT
+
+    layer = MoELayer(TopKRouter(D, E, 2), NoForward())
+    with pytest.raises(NotImplementedError, match="must implement forward"):
+        layer(torch.randn(4, D))
+
+
+def test_wrong_last_dimension_names_expected_and_got():
+    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT))
+    with pytest.raises(ValueError, match=r"MoELayer expected input of shape \[..., 12\], got last dimension 11"):
+        layer(torch.randn(4, D - 1))
