@@ -51,13 +51,17 @@ def _check_parts(router: nn.Module, experts: nn.Module, shared_expert: Optional[
     for name, part in (("shared_expert", shared_expert), ("shared_gate", shared_gate)):
         if part is not None and not isinstance(part, nn.Module):
             raise ValueError(f"{name} must be an nn.Module or None, got {type(part).__name__}")
+    for name, want in (("in_features", experts.in_features), ("out_features", experts.out_features)):
+        have = getattr(shared_expert, name, want)
+        if have != want:
+            raise ValueError(f"shared_expert.{name} must equal experts.{name}={want}, got {have}")
 
 
 class MoELayer(nn.Module):
     """Mixture-of-experts layer from parts: ``y = sum_j w_j * expert_{i_j}(x)``.
 
     The router (:class:`~moemix.layers.TopKRouter` or a subclass, e.g. one that overrides
-    ``compute_logits`` to score experts its own way) decides ``k`` experts and weights per token; the
+    ``gate_logits`` to score experts its own way) decides ``k`` experts and weights per token; the
     experts (a :class:`~moemix.layers.RoutedExperts`: :class:`~moemix.layers.GroupedExperts` or one's own)
     plan the dispatch and run the routed tokens. This class adds what every MoE layer needs around them:
     the ``[..., D]`` shape handling, the optional shared expert, and after each forward ``aux_loss``
@@ -79,8 +83,10 @@ class MoELayer(nn.Module):
             ``moe(x) + sigmoid(shared_gate(x)) * shared(x)`` (Qwen2-MoE).
         shared_gate: ``[T, D] -> [T, 1]`` gate of the shared expert (e.g. ``nn.Linear(D, 1, bias=False)``).
         dispatch_layout: ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``, handed to
-            ``experts.plan_routing`` (see :mod:`moemix.layers.dispatch`); only speed depends on it.
-            Defaults to ``"auto"``.
+            ``experts.plan_routing`` (see :mod:`moemix.layers.dispatch`); only speed depends on it, except
+            that ``"padded"`` and ``"grouped_mm"`` refuse dropped assignments (a router with a capacity) and
+            ``"grouped_mm"`` needs experts that can run it (``GroupedExperts``: 16-byte rows). Defaults to
+            ``"auto"``.
 
     Shapes:
         ``[..., D] -> [..., D']``.

@@ -21,14 +21,15 @@ class RoutedExperts(nn.Module):
         forward(rows [R, D], counts, capacity=None, offsets=None) -> [R, D']
 
     ``rows`` are sorted by expert, ``counts[e]`` (host ints) rows for expert ``e``; with ``capacity`` every
-    expert owns ``capacity`` rows (padded layout, the padding rows are zero and their outputs are never
-    read); ``offsets`` (``[E]`` int32 slice ends, ``"grouped_mm"`` layout) may be ignored, the rows are
-    the sorted ones. Dropped assignments (capacity mode) trail the last expert's rows; their outputs are
-    not read either. Everything else comes from this class: :meth:`plan_routing` sorts the router's
-    assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs ``forward``
-    and sums each token's expert outputs with its router weights. A subclass with a faster path overrides
-    those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an ``"auto"`` rule
-    that weighs the experts' size).
+    expert owns ``capacity`` rows (padded layout; the padding rows are zero and their outputs are never
+    read). In capacity mode the dropped assignments' rows (zero) trail the last expert's; the base class
+    replaces their outputs by zeros, so ``forward`` may leave anything there. ``offsets`` (``[E]`` int32
+    slice ends, ``"grouped_mm"`` layout) may be ignored: the rows are the sorted ones. ``forward`` must
+    return one output row per input row. Everything else comes from this class: :meth:`plan_routing` sorts
+    the router's assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs
+    ``forward`` and sums each token's expert outputs with its router weights. A subclass with a faster path
+    overrides those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an
+    ``"auto"`` rule that weighs the experts' size).
 
     Example (linear experts, one ``[D, D']`` matrix each):
         >>> from moemix.layers import MoELayer, TopKRouter, grouped_matmul
@@ -56,7 +57,14 @@ class RoutedExperts(nn.Module):
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]``, ``weights [T, k]``."""
-        out_rows = self(dispatch_tokens(x, plan), plan.counts, plan.capacity, plan.offsets)
+        rows = dispatch_tokens(x, plan)
+        out_rows = self(rows, plan.counts, plan.capacity, plan.offsets)
+        if out_rows.dim() != 2 or out_rows.shape[0] != rows.shape[0]:
+            raise ValueError(f"{type(self).__name__}.forward must return [rows, out_features] = "
+                             f"[{rows.shape[0]}, {self.out_features}], got {tuple(out_rows.shape)}")
+        if plan.num_dropped:  # whatever forward left in the dropped rows, they add nothing
+            routed = rows.shape[0] - plan.num_dropped
+            out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
         return combine_tokens(out_rows, weights, plan)
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,

@@ -183,18 +183,24 @@ class TopKRouter(nn.Module):
         return (f"{self.in_features}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}, "
                 f"noise={self.noise!r}, renormalize={self.renormalize}{cf}")
 
-    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, D]`` -> ``[T, E]`` float32 logits, noise included when training."""
-        x = x.float()
-        if self.training and self.noise == "jitter" and self.noise_eps > 0:
-            x = x * torch.empty_like(x).uniform_(1 - self.noise_eps, 1 + self.noise_eps)
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate without noise: float32 ``x [T, D]`` -> ``[T, E]`` logits. Override it to score experts
+        another way; noise, the score function, top-k and capacity stay this class's. (The gate's
+        ``weight`` is then unused unless the override uses it: freeze it, ``weight.requires_grad_(False)``,
+        so that e.g. DDP does not wait for its gradient.)"""
         if self.score == "cosine":
             h = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1)
             w = F.normalize(self.weight.float(), dim=-1)
             scale = self.log_inv_temperature.float().clamp(max=math.log(100.0)).exp()
-            logits = F.linear(h, w) * scale
-        else:
-            logits = F.linear(x, self.weight.float())
+            return F.linear(h, w) * scale
+        return F.linear(x, self.weight.float())
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, D]`` -> ``[T, E]`` float32 logits (:meth:`gate_logits`), noise included when training."""
+        x = x.float()
+        if self.training and self.noise == "jitter" and self.noise_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.noise_eps, 1 + self.noise_eps)
+        logits = self.gate_logits(x)
         if self.training and self.noise == "gumbel":
             u = torch.rand_like(logits).clamp_(min=1e-20)  # [0, 1) -> -log(u) > 0
             logits = logits - torch.log((-torch.log(u)).clamp(min=1e-20))  # + Gumbel(0, 1)

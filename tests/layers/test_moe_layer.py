@@ -1,4 +1,6 @@
 """MoELayer from parts: one's own router scoring and one's own experts on the shared dispatch."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -24,15 +26,28 @@ class LinearExperts(RoutedExperts):
 
 
 class TokenIdRouter(TopKRouter):
-    """Scores from a fixed table by token position (its own ``compute_logits``): token ``t`` prefers
+    """Scores from a fixed table by token position (its own ``gate_logits``): token ``t`` prefers
     experts ``t % E`` then ``(t + 1) % E``."""
 
-    def compute_logits(self, x):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight.requires_grad_(False)
+
+    def gate_logits(self, x):
         t = torch.arange(x.shape[0], device=x.device)
         logits = torch.zeros(x.shape[0], self.num_experts, device=x.device)
         logits[t, t % self.num_experts] = 2.0
         logits[t, (t + 1) % self.num_experts] = 1.0
-        return logits + 0 * super().compute_logits(x)  # keeps the gate in the graph (z-loss, gradients)
+        return logits
+
+
+class NaNPastRoutedRows(LinearExperts):
+    """Leaves NaN in the rows past ``sum(counts)`` (the dropped assignments' rows in capacity mode)."""
+
+    def forward(self, rows, counts, capacity=None, offsets=None):
+        out = super().forward(rows, counts, capacity)
+        routed = sum(counts) if capacity is None else rows.shape[0]
+        return torch.cat([out[:routed], torch.full_like(out[routed:], float("nan"))])
 
 
 def reference(layer, x):
@@ -49,30 +64,34 @@ def reference(layer, x):
 
 @pytest.mark.parametrize("layout", ["auto", "loop", "sorted", "padded", "grouped_mm"])
 def test_own_experts_match_the_reference(layout):
+    # LinearExperts ignores offsets: in the "grouped_mm" layout it runs the same sorted rows
     torch.manual_seed(0)
     layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT), dispatch_layout=layout)
     x = torch.randn(3, 4, D)
-    if layout == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
-        pytest.skip("this torch has no F.grouped_mm")
     out, grad_x, grads = output_and_grads(layer, x, layer)
     ref, ref_grad_x, ref_grads = output_and_grads(layer, x, lambda v: reference(layer, v))
     assert out.shape == (3, 4, DOUT)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(ref_grads) == {"router.weight", "experts.weight"}
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5)
     assert layer.tokens_per_expert.sum().item() == 12 * 2 and layer.dropped_tokens == 0
 
 
-def test_own_experts_with_a_capacity_drop_exactly_the_overflow():
+@pytest.mark.parametrize("layout", ["auto", "loop", "sorted"])
+def test_dropped_rows_add_nothing_whatever_forward_leaves_there(layout):
     torch.manual_seed(0)
     router = TopKRouter(D, E, 2, capacity_factor=0.5)
-    layer = MoELayer(router, LinearExperts(E, D, DOUT))
+    layer = MoELayer(router, NaNPastRoutedRows(E, D, DOUT), dispatch_layout=layout)
     x = torch.randn(20, D)
-    out = layer(x)
-    decision = router(x)
-    assert layer.dropped_tokens == decision.num_dropped > 0
-    torch.testing.assert_close(out, reference(layer, x), atol=1e-5, rtol=1e-5)
+    out, grad_x, grads = output_and_grads(layer, x, layer)
+    ref, ref_grad_x, ref_grads = output_and_grads(layer, x, lambda v: reference(layer, v))
+    assert layer.dropped_tokens == router(x).num_dropped > 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5)
 
 
 def test_own_router_scoring_routes_as_it_says():
@@ -82,8 +101,18 @@ def test_own_router_scoring_routes_as_it_says():
     out = layer(x)
     assert layer.tokens_per_expert.tolist() == [4] * E  # every expert first choice of 2 tokens, second of 2
     torch.testing.assert_close(out, reference(layer, x), atol=1e-5, rtol=1e-5)
-    layer.aux_loss.backward()
-    assert layer.router.weight.grad is not None
+    assert [p for p in layer.parameters() if p.requires_grad] == [layer.experts.weight]
+
+
+def test_own_router_scoring_keeps_the_noise():
+    torch.manual_seed(0)
+    router = TokenIdRouter(D, E, 2, noise="normal")
+    x = torch.randn(6, D)
+    noisy = router.compute_logits(x)
+    assert not torch.equal(noisy, router.gate_logits(x))
+    torch.testing.assert_close(noisy, router.gate_logits(x), atol=5 / E, rtol=0)  # noise N(0, (1/E)^2)
+    router.eval()
+    assert torch.equal(router.compute_logits(x), router.gate_logits(x))
 
 
 def test_unselected_experts_get_zero_gradient():
@@ -94,15 +123,16 @@ def test_unselected_experts_get_zero_gradient():
     assert grad[3:].abs().sum() == 0 and (grad[:3].abs().sum(dim=(1, 2)) > 0).all()
 
 
-def test_parts_equal_sparse_moe():
+def test_parts_built_in_order_equal_sparse_moe():
     torch.manual_seed(0)
     moe = SparseMoE(D, 16, act_layer="silu", glu=True, num_experts=E, k=2, shared_expert="gated")
-    router = TopKRouter(D, E, 2)
-    experts = GroupedExperts(E, D, 16, act_layer="silu", glu=True)
-    shared = GroupedExperts(1, D, 16, act_layer="silu", glu=True)
-    layer = MoELayer(router, experts, shared_expert=shared, shared_gate=nn.Linear(D, 1, bias=False))
-    layer.load_state_dict(moe.state_dict())
+    torch.manual_seed(0)  # the same parts, built in SparseMoE's order: the same initial weights
+    layer = MoELayer(TopKRouter(D, E, 2), GroupedExperts(E, D, 16, act_layer="silu", glu=True),
+                     shared_expert=GroupedExperts(1, D, 16, act_layer="silu", glu=True),
+                     shared_gate=nn.Linear(D, 1, bias=False))
     assert list(layer.state_dict()) == list(moe.state_dict())
+    for name, value in moe.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], value), name
     x = torch.randn(2, 9, D)
     out, grad_x, grads = output_and_grads(layer, x, layer)
     ref, ref_grad_x, ref_grads = output_and_grads(moe, x, moe)
@@ -112,6 +142,17 @@ def test_parts_equal_sparse_moe():
         torch.testing.assert_close(grads[name], ref_grads[name])
     torch.testing.assert_close(layer.aux_loss, moe.aux_loss)
     assert layer.aux_losses.keys() == moe.aux_losses.keys()
+
+
+def test_deepcopy_after_a_training_forward_and_zero_tokens():
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT))
+    x = torch.randn(7, D)
+    layer(x)
+    twin = copy.deepcopy(layer)  # aux_loss holds a graph; it is not copied
+    torch.testing.assert_close(twin(x), layer(x))
+    empty = layer(torch.randn(0, 3, D))
+    assert empty.shape == (0, 3, DOUT) and layer.tokens_per_expert.sum() == 0
 
 
 def test_averaged_shared_expert_of_any_module():
@@ -155,6 +196,8 @@ def test_single_grouped_expert_runs_dense_without_counts():
     (dict(experts=LinearExperts(E + 1, D, DOUT)), r"experts.num_experts must equal router.num_experts=5, got 6"),
     (dict(experts=LinearExperts(E, D + 1, DOUT)), r"experts.in_features must equal router.in_features=12, got 13"),
     (dict(shared_gate=nn.Linear(D, 1)), "shared_gate applies only with a shared_expert"),
+    (dict(shared_expert=nn.Linear(D, DOUT + 1)), r"shared_expert.out_features must equal experts.out_features=7"),
+    (dict(shared_expert=nn.Linear(D + 1, DOUT)), r"shared_expert.in_features must equal experts.in_features=12"),
     (dict(aux_loss="balance"), "aux_loss"),
     (dict(dispatch_layout="fast"), "dispatch_layout"),
     (dict(router=TopKRouter(D, E, 2, capacity_factor=1.0), dispatch_layout="padded"), "capacity_factor"),
@@ -173,6 +216,16 @@ def test_experts_without_forward_say_what_is_missing():
     layer = MoELayer(TopKRouter(D, E, 2), NoForward())
     with pytest.raises(NotImplementedError, match="must implement forward"):
         layer(torch.randn(4, D))
+
+
+def test_experts_returning_other_rows_are_refused():
+    class RoutedOnly(LinearExperts):
+        def forward(self, rows, counts, capacity=None, offsets=None):
+            return super().forward(rows, counts)[:sum(counts)]
+
+    layer = MoELayer(TopKRouter(D, E, 2, capacity_factor=0.5), RoutedOnly(E, D, DOUT))
+    with pytest.raises(ValueError, match=r"RoutedOnly.forward must return \[rows, out_features\] = \[40, 7\]"):
+        layer(torch.randn(20, D))
 
 
 def test_wrong_last_dimension_names_expected_and_got():
