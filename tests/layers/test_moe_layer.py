@@ -232,3 +232,15 @@ def test_wrong_last_dimension_names_expected_and_got():
     layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT))
     with pytest.raises(ValueError, match=r"MoELayer expected input of shape \[..., 12\], got last dimension 11"):
         layer(torch.randn(4, D - 1))
+
+
+def test_own_experts_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(D, E, 2, capacity_factor=0.5), NaNPastRoutedRows(E, D, DOUT))
+    x = torch.randn(20, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and layer.dropped_tokens > 0
+    torch.testing.assert_close(out.float(), reference(layer, x.detach()), atol=0.1, rtol=0.05)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.experts.weight.grad).all()
