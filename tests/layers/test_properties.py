@@ -1,7 +1,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from moemix.layers import SparseMoE, plan_dispatch
+from moemix.layers import MoELayer, SparseMoE, TopKRouter, plan_dispatch
 from tests.layers._reference import reference_moe
 
 
@@ -65,3 +65,25 @@ def test_plan_puts_every_assignment_in_its_experts_rows(tokens, experts, data, l
         assert plan.offsets.tolist() == torch.cumsum(counts, 0).tolist()
     else:
         assert plan.offsets is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(0, 40), experts=st.integers(1, 9), data=st.data())
+def test_moe_layer_with_own_experts_matches_reference_for_any_shape(tokens, experts, data):
+    from tests.layers.test_moe_layer import NaNPastRoutedRows
+
+    k = data.draw(st.integers(1, experts))
+    layout = data.draw(st.sampled_from(["loop", "sorted", "padded", "auto"]))
+    capacity_factor = None if layout == "padded" else data.draw(st.sampled_from([None, 0.5, 1.0]))
+    torch.manual_seed(tokens * 131 + experts)
+    layer = MoELayer(TopKRouter(6, experts, k, capacity_factor=capacity_factor), NaNPastRoutedRows(experts, 6, 4),
+                     dispatch_layout=layout).double()
+    x = torch.randn(tokens, 6, dtype=torch.float64)
+    y = layer(x)
+    decision = layer.router(x)
+    ref = x.new_zeros(tokens, 4)
+    for j in range(k):  # the router zeroes the weights of dropped assignments
+        chosen = layer.experts.weight[decision.indices[:, j]]  # [T, D, D']
+        ref = ref + decision.weights[:, j, None] * torch.einsum("td,tdo->to", x, chosen)
+    torch.testing.assert_close(y, ref, atol=1e-9, rtol=1e-9)
+    assert int(layer.tokens_per_expert.sum()) + layer.dropped_tokens == tokens * k
