@@ -10,7 +10,7 @@ from torch import nn
 from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.cpu_gemm import cpu_gemm
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.dispatch import DispatchPlan, plan_dispatch
 from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
 from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
 from moemix.layers.layout_rule import grouped_mm_pays_off
@@ -176,8 +176,11 @@ class GroupedExperts(RoutedExperts):
         if plan.layout == "loop" and fused_loop_supports(self.act) and not dropout:
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
-        out_rows = self(dispatch_tokens(x, plan, self._row_pool), plan.counts, plan.capacity, plan.offsets)
-        return combine_tokens(out_rows, weights, plan, self._row_pool)
+        return super().forward_routed(x, weights, plan)
+
+    def expert_rows(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """:meth:`forward` on the expert buffer; it already leaves zeros in the dropped assignments' rows."""
+        return self(rows, plan.counts, plan.capacity, plan.offsets)
 
     def grouped_mm_pays_off(self, x: torch.Tensor) -> bool:
         """Whether ``"auto"`` should run these experts on ``x`` in the ``"grouped_mm"`` layout

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.recycled_buffers import RecycledPool
 from moemix.layers.router import RoutingDecision
 
 __all__ = ["RoutedExperts"]
@@ -48,6 +49,7 @@ class RoutedExperts(nn.Module):
     num_experts: int
     in_features: int
     out_features: int
+    _row_pool: Optional[RecycledPool] = None  # recycled dispatch/combine temporaries (CPU), if a subclass keeps one
 
     def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
         """The dispatch plan for tokens ``x [T, D]`` routed by ``decision`` in ``layout``
@@ -57,7 +59,13 @@ class RoutedExperts(nn.Module):
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]``, ``weights [T, k]``."""
-        rows = dispatch_tokens(x, plan)
+        rows = dispatch_tokens(x, plan, self._row_pool)
+        return combine_tokens(self.expert_rows(rows, plan), weights, plan, self._row_pool)
+
+    def expert_rows(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``forward`` on the expert buffer ``rows [R, D]`` -> ``[R, D']``, its row count checked and the
+        dropped assignments' outputs replaced by zeros (a subclass whose ``forward`` leaves zeros there may
+        skip that)."""
         out_rows = self(rows, plan.counts, plan.capacity, plan.offsets)
         if out_rows.dim() != 2 or out_rows.shape[0] != rows.shape[0]:
             raise ValueError(f"{type(self).__name__}.forward must return [rows, out_features] = "
@@ -65,7 +73,7 @@ class RoutedExperts(nn.Module):
         if plan.num_dropped:  # whatever forward left in the dropped rows, they add nothing
             routed = rows.shape[0] - plan.num_dropped
             out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
-        return combine_tokens(out_rows, weights, plan)
+        return out_rows
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
