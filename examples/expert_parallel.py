@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moemix.layers import SparseMoE
 from moemix.losses import collect_aux_loss
-from moemix.parallel import distribute_experts
+from moemix.parallel import ExpertParallelMoE, distribute_experts
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)  # same replicated init on every rank (DDP would broadcast rank 0's anyway)
     model = nn.Sequential(nn.Linear(32, 64), SparseMoE(64, 128, num_experts=8, k=2), nn.Linear(64, 1)).to(device)
     single_process = copy.deepcopy(model[1])
-    distribute_experts(model)  # SparseMoE -> ExpertParallelMoE, expert params hidden from DDP
+    distribute_experts(model)  # model[1].experts: this rank's experts; expert params hidden from DDP
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -46,11 +46,11 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         if step % 10 == 0 or step == 49:
-            load = model[1].local_tokens_per_expert.tolist()
+            load = model[1].experts.local_tokens_per_expert.tolist()
             print(f"rank {rank} step {step:2d} loss {loss.item():.4f} rows per local expert {load}", flush=True)
 
     # The shard reproduces the unsharded layer it was cut from (checked on fresh weights).
-    check = type(model[1]).from_sparse_moe(single_process)
+    check = ExpertParallelMoE.from_sparse_moe(single_process)
     x = torch.randn(16, 64, generator=gen).to(device)
     err = (check(x) - single_process(x)).abs().max().item()
     print(f"rank {rank}: |expert-parallel - single-process| = {err:.2e}", flush=True)

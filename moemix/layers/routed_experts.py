@@ -1,6 +1,7 @@
 """The interface of the experts an MoE layer routes tokens to: plan the dispatch, run the routed rows."""
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
@@ -30,7 +31,8 @@ class RoutedExperts(nn.Module):
     the router's assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs
     ``forward`` and sums each token's expert outputs with its router weights. A subclass with a faster path
     overrides those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an
-    ``"auto"`` rule that weighs the experts' size).
+    ``"auto"`` rule that weighs the experts' size). :meth:`select_experts` cuts out a subset of the experts
+    (expert parallelism, :func:`moemix.parallel.shard_experts`).
 
     Example (linear experts, one ``[D, D']`` matrix each):
         >>> from moemix.layers import MoELayer, TopKRouter, grouped_matmul
@@ -74,6 +76,40 @@ class RoutedExperts(nn.Module):
             routed = rows.shape[0] - plan.num_dropped
             out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
         return out_rows
+
+    def select_experts(self, start: int, stop: int) -> "RoutedExperts":
+        """A copy of these experts holding only experts ``start ... stop - 1`` (renumbered from 0).
+
+        The default slices every parameter and buffer registered on this module itself along its first
+        dimension, which must be ``num_experts`` (stacked ``[E, ...]`` tensors, as in ``GroupedExperts``), and
+        copies everything else (flags, parameter-free submodules such as the activation); the full stack is
+        never duplicated and no random numbers are drawn. Experts holding other parameters (a submodule with
+        weights, an ``nn.ModuleList`` of experts, a weight shared by all experts) raise ``ValueError``: their
+        class must override this method, returning experts whose every parameter belongs to the selected
+        experts alone.
+        """
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_experts):
+            raise ValueError(f"select_experts needs 0 <= start < stop <= num_experts={self.num_experts}, "
+                             f"got start={start!r}, stop={stop!r}")
+        kind = type(self).__name__
+        for child_name, child in self.named_children():
+            for name, _ in child.named_parameters():
+                raise ValueError(f"{kind}.select_experts cannot split the parameter {child_name}.{name} (a "
+                                 f"submodule's); override select_experts in {kind}")
+        memo = {}
+        for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
+            if tensor is None:
+                continue
+            if tensor.dim() == 0 or tensor.shape[0] != self.num_experts:
+                raise ValueError(f"{kind}.select_experts needs every parameter and buffer stacked as "
+                                 f"[num_experts={self.num_experts}, ...], {name} has shape {tuple(tensor.shape)}; "
+                                 f"override select_experts in {kind}")
+            piece = tensor.detach()[start:stop].clone()
+            memo[id(tensor)] = (nn.Parameter(piece, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, nn.Parameter) else piece)
+        selected = copy.deepcopy(self, memo)
+        selected.num_experts = stop - start
+        return selected
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Turn the SparseMoE layers of a model into expert-parallel ones, in place."""
+"""Shard the experts of every MoE layer of a model, in place."""
 from __future__ import annotations
 
 import warnings
@@ -7,41 +7,40 @@ from typing import Optional
 import torch.distributed as dist
 from torch import nn
 
-from moemix.layers.sparse_moe import SparseMoE
+from moemix.layers.moe_layer import MoELayer
 from moemix.parallel.ddp import exclude_expert_params_from_ddp
-from moemix.parallel.expert_parallel import ExpertParallelMoE
+from moemix.parallel.sharded_experts import ShardedExperts, shard_experts
 
 __all__ = ["distribute_experts"]
 
 
 def distribute_experts(model: nn.Module, group: Optional[dist.ProcessGroup] = None, *,
                        expert_grad_scale: Optional[float] = None, exclude_from_ddp: bool = True) -> int:
-    """Replace every ``SparseMoE`` submodule of ``model`` by its :class:`ExpertParallelMoE` shard.
+    """Shard the experts of every :class:`~moemix.layers.MoELayer` in ``model`` (``SparseMoE`` and layers
+    built from one's own router or experts, ``model`` itself included) over ``group``, in place
+    (:func:`~moemix.parallel.shard_experts`: each layer keeps its class, its experts become a
+    :class:`~moemix.parallel.ShardedExperts`).
 
     Call it on every rank of ``group`` after ``dist.init_process_group`` and before wrapping the model in
     DDP or building the optimizer (in Lightning: inside ``LightningModule.configure_model``). The model
-    must be identical on every rank (same seed). Layers that are already expert-parallel are left alone,
-    so calling it twice is harmless.
+    must be identical on every rank (same seed). Layers whose experts are sharded already are left alone, so
+    calling it twice is harmless.
 
     Args:
-        model: module whose ``SparseMoE`` children (exactly that type; subclasses may change ``forward``
-            and are skipped) are replaced. It must not itself be a ``SparseMoE``.
+        model: module whose MoE layers are sharded.
         group: process group to shard over. Defaults to the world group.
-        expert_grad_scale: see :class:`ExpertParallelMoE`. Defaults to ``1 / world_size``.
+        expert_grad_scale: see :class:`ShardedExperts`. Defaults to ``1 / world_size``.
         exclude_from_ddp: also call :func:`exclude_expert_params_from_ddp` on ``model``. Defaults to True.
 
     Returns:
-        The number of layers replaced (a warning is issued when there were none).
+        The number of layers sharded by this call (a warning is issued when the model has no MoE layer).
     """
-    if isinstance(model, SparseMoE):
-        raise ValueError("model must contain SparseMoE layers, not be one; use ExpertParallelMoE.from_sparse_moe")
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is SparseMoE]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, ExpertParallelMoE.from_sparse_moe(module, group, expert_grad_scale=expert_grad_scale))
-    if not targets and not any(isinstance(m, ExpertParallelMoE) for m in model.modules()):
-        warnings.warn("distribute_experts found no SparseMoE layer in the model", stacklevel=2)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    targets = [layer for layer in layers if not isinstance(layer.experts, ShardedExperts)]
+    for layer in targets:
+        shard_experts(layer, group, expert_grad_scale=expert_grad_scale)
+    if not layers:
+        warnings.warn("distribute_experts found no MoE layer (MoELayer, SparseMoE) in the model", stacklevel=2)
     if exclude_from_ddp:
         exclude_expert_params_from_ddp(model)
     return len(targets)

@@ -12,15 +12,15 @@ from typing import Iterator, List, Tuple
 
 from torch import nn
 
-from moemix.parallel.expert_parallel import ExpertParallelMoE
+from moemix.parallel.sharded_experts import ShardedExperts
 
 __all__ = ["named_expert_parameters", "exclude_expert_params_from_ddp"]
 
 
 def _expert_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(module, ExpertParallelMoE):
-            yield (f"{name}.experts." if name else "experts."), module.experts
+        if isinstance(module, ShardedExperts):
+            yield (f"{name}.local." if name else "local."), module.local
 
 
 def named_expert_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:

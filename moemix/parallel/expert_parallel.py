@@ -1,59 +1,21 @@
 """ExpertParallelMoE: a SparseMoE whose experts are sharded across a ``torch.distributed`` group.
 
-Each of the ``W`` ranks holds ``L = E / W`` consecutive experts (rank ``r`` owns experts
-``r * L ... (r + 1) * L - 1``) and a replica of everything else (router, shared expert). A forward pass:
-
-    x [T, D] --router, plan_dispatch, dispatch_tokens--> rows sorted by global expert [N, D]
-      --exchange_counts--> rows each rank will send me, per local expert   (one host sync)
-      --all_to_all--> received rows [M, D], ordered (source rank, local expert)
-      --regroup (gather)--> ordered (local expert, source rank) --GroupedExperts--> [M, D']
-      --inverse gather, all_to_all back--> [N, D'] --combine_tokens--> y [T, D']
-
-References: Lepikhin et al. 2020 (GShard, all-to-all expert parallelism); Gale et al. 2022 (megablocks:
-counts first, then a variable-size ``all_to_all_single``, dropless).
+The sharding itself is :class:`~moemix.parallel.ShardedExperts`, which works for any
+:class:`~moemix.layers.MoELayer`; this class is ``SparseMoE`` built directly in sharded form.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Optional, Tuple, Type, Union
+from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moemix.layers.dispatch import combine_tokens, dispatch_tokens, plan_dispatch
-from moemix.layers.experts import GroupedExperts
-from moemix.layers.router import RoutingDecision
 from moemix.layers.sparse_moe import SparseMoE
-from moemix.parallel._grad import permute_rows, regroup_permutation, scale_grad
-from moemix.parallel.all_to_all import all_to_all, exchange_counts
+from moemix.parallel.sharded_experts import ShardedExperts, group_rank_and_size
 
 __all__ = ["ExpertParallelMoE"]
-
-
-def _group_info(group: Optional[dist.ProcessGroup], num_experts: int) -> Tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("ExpertParallelMoE needs an initialised torch.distributed process group; call "
-                           "dist.init_process_group first (in Lightning, build the layer in configure_model)")
-    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("group does not contain this process")
-    if num_experts % world_size:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by the group's world size ({world_size})")
-    return rank, world_size
-
-
-def _slice_experts(experts: GroupedExperts, start: int, stop: int) -> GroupedExperts:
-    """Copy of ``experts`` (activation, dropout, flags) keeping only experts ``start:stop``.
-
-    The stacked parameters are swapped for copies of their slices through the deepcopy memo, so the full
-    stack is never duplicated and the random number generators are not touched.
-    """
-    memo = {id(p): nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
-            for p in experts.parameters(recurse=False)}
-    local = copy.deepcopy(experts, memo)
-    local.num_experts = stop - start
-    return local
 
 
 class ExpertParallelMoE(SparseMoE):
@@ -87,7 +49,8 @@ class ExpertParallelMoE(SparseMoE):
         ``[..., in_features] -> [..., out_features]``; ranks may hold different token counts, including 0.
 
     Raises:
-        ValueError: ``num_experts`` not divisible by the group's world size, or ``expert_grad_scale <= 0``.
+        ValueError: ``num_experts`` not divisible by the group's world size, or ``expert_grad_scale <= 0``
+            (checked before the full layer is allocated).
         RuntimeError: ``torch.distributed`` is not initialised.
     """
 
@@ -107,10 +70,12 @@ class ExpertParallelMoE(SparseMoE):
         expert_grad_scale: Optional[float] = None,
         **kwargs,
     ):
-        _group_info(group, num_experts)  # fail before allocating the full layer
+        group_rank_and_size(group, num_experts)  # fail before allocating the full layer
+        if not (expert_grad_scale is None or expert_grad_scale > 0):
+            raise ValueError(f"expert_grad_scale must be > 0 or None, got {expert_grad_scale!r}")
         super().__init__(in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop, use_conv,
                          num_experts=num_experts, **kwargs)
-        self._setup_parallel(group, expert_grad_scale)
+        self.experts = ShardedExperts.from_experts(self.experts, group, expert_grad_scale=expert_grad_scale)
 
     @classmethod
     def from_sparse_moe(cls, moe: SparseMoE, group: Optional[dist.ProcessGroup] = None, *,
@@ -121,82 +86,40 @@ class ExpertParallelMoE(SparseMoE):
         """
         if not isinstance(moe, SparseMoE) or isinstance(moe, ExpertParallelMoE):
             raise ValueError(f"moe must be a SparseMoE that is not already expert-parallel, got {type(moe).__name__}")
-        rank, world_size = _group_info(group, moe.num_experts)
-        local_count = moe.num_experts // world_size
-        memo = {id(moe.experts): _slice_experts(moe.experts, rank * local_count, (rank + 1) * local_count)}
+        memo = {id(moe.experts): ShardedExperts.from_experts(moe.experts, group, expert_grad_scale=expert_grad_scale)}
         # Per-forward state (aux_loss may carry a graph) is not copied.
         memo.update({id(v): None for v in vars(moe).values() if isinstance(v, torch.Tensor)})
         clone = copy.deepcopy(moe, memo)
         ep = cls.__new__(cls)
         ep.__dict__.update(clone.__dict__)
-        ep._setup_parallel(group, expert_grad_scale)
         return ep
 
-    def _setup_parallel(self, group: Optional[dist.ProcessGroup], expert_grad_scale: Optional[float]) -> None:
-        rank, world_size = _group_info(group, self.num_experts)
-        if expert_grad_scale is None:
-            expert_grad_scale = 1.0 / world_size
-        if not expert_grad_scale > 0:
-            raise ValueError(f"expert_grad_scale must be > 0 or None, got {expert_grad_scale!r}")
-        self.group = group
-        self.rank, self.world_size = rank, world_size
-        self.expert_grad_scale = float(expert_grad_scale)
-        self.local_tokens_per_expert: Optional[torch.Tensor] = None
-        local_count = self.num_experts // world_size
-        if self.experts.num_experts != local_count:
-            self.experts = _slice_experts(self.experts, rank * local_count, (rank + 1) * local_count)
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.experts.group
+
+    @property
+    def rank(self) -> int:
+        return self.experts.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.experts.world_size
+
+    @property
+    def expert_grad_scale(self) -> float:
+        return self.experts.expert_grad_scale
+
+    @property
+    def local_tokens_per_expert(self) -> Optional[torch.Tensor]:
+        """``[E / W]`` rows this rank's experts processed in the last forward, from all ranks."""
+        return self.experts.local_tokens_per_expert
 
     @property
     def num_local_experts(self) -> int:
-        return self.experts.num_experts
+        return self.experts.num_local_experts
 
     @property
     def local_expert_range(self) -> range:
         """Global ids of the experts held by this rank."""
-        return range(self.rank * self.num_local_experts, (self.rank + 1) * self.num_local_experts)
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, local_experts={self.local_expert_range.start}.."
-                f"{self.local_expert_range.stop - 1}, world_size={self.world_size}, "
-                f"expert_grad_scale={self.expert_grad_scale:g}")
-
-    @torch.compiler.disable
-    def _experts_forward(self, tokens: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-        # Sorted layout: each destination rank's rows must be one contiguous, unpadded block.
-        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
-        self.tokens_per_expert = plan.tokens_per_expert.detach()
-        self.dropped_tokens = plan.num_dropped
-        x_sorted = dispatch_tokens(tokens, plan)
-        routed = x_sorted.shape[0] - plan.num_dropped  # dropped rows trail; they are never sent
-        y_routed = self._remote_experts(x_sorted[:routed], plan.tokens_per_expert, plan.counts)
-        if plan.num_dropped:
-            y_routed = torch.cat([y_routed, y_routed.new_zeros(plan.num_dropped, y_routed.shape[-1])])
-        return combine_tokens(y_routed, decision.weights, plan)
-
-    def _remote_experts(self, x: torch.Tensor, send_counts: torch.Tensor, send_host: List[int]) -> torch.Tensor:
-        """Rows ``[N, D]`` sorted by global expert -> their expert outputs ``[N, D']``, same order."""
-        world, local = self.world_size, self.num_local_experts
-        recv_counts_dev = exchange_counts(send_counts, self.group)
-        recv_host = recv_counts_dev.tolist()  # host sync: split sizes
-        recv_counts = [recv_host[r * local:(r + 1) * local] for r in range(world)]
-        input_splits = [sum(send_host[r * local:(r + 1) * local]) for r in range(world)]
-        output_splits = [sum(row) for row in recv_counts]
-        x_recv = all_to_all(x, output_splits, input_splits, self.group)
-        local_counts = [sum(row[l] for row in recv_counts) for l in range(local)]
-        self.local_tokens_per_expert = torch.tensor(local_counts, device=x.device)
-        regroup = world > 1 and local > 1  # otherwise arrival order is already by local expert
-        if regroup:
-            index, inverse = regroup_permutation(recv_counts, x.device)
-            x_recv = permute_rows(x_recv, index, inverse)
-        # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
-        # gradient flowing back to the tokens.
-        s = self.expert_grad_scale
-        offsets = None
-        if self.dispatch_layout == "grouped_mm" or (self.dispatch_layout == "auto"
-                                                    and self.experts.grouped_mm_pays_off(x_recv)):
-            # slice ends of the local experts from the exchanged counts, on the device (SparseMoE's rule)
-            offsets = torch.cumsum(recv_counts_dev.view(world, local).sum(0), 0, dtype=torch.int32)
-        y_recv = scale_grad(self.experts(scale_grad(x_recv, 1.0 / s), local_counts, offsets=offsets), s)
-        if regroup:
-            y_recv = permute_rows(y_recv, inverse, index)
-        return all_to_all(y_recv, input_splits, output_splits, self.group)
+        return self.experts.local_expert_range

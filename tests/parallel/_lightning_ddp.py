@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from moemix.layers import SparseMoE
 from moemix.losses import collect_aux_loss
 from moemix.parallel import distribute_experts, named_expert_parameters
+from tests.parallel._workers import full_name
 
 D, BATCH, STEPS, WORLD_SIZE, LR = 8, 4, 3, 2, 0.5
 
@@ -76,12 +77,12 @@ def main(out_dir: str) -> None:
     expected = dict(_replay(copy.deepcopy(initial), batches).named_parameters())
     start = dict(initial.named_parameters())
     moe = model.net[1]
-    local = slice(moe.local_expert_range.start, moe.local_expert_range.stop)
+    local = slice(moe.experts.local_expert_range.start, moe.experts.local_expert_range.stop)
     expert_names = {name for name, _ in named_expert_parameters(model.net)}
     result = {"ignored": sorted(model._ddp_params_and_buffers_to_ignore), "replicated": {}, "experts": {},
-              "moved": 0.0, "type": type(moe).__name__}
+              "moved": 0.0, "type": type(moe).__name__, "experts_type": type(moe.experts).__name__}
     for name, param in model.net.named_parameters():
-        ref, init = expected[name].detach(), start[name].detach()
+        ref, init = expected[full_name(name)].detach(), start[full_name(name)].detach()
         if name in expert_names:
             ref, init = ref[local], init[local]
             result["experts"][name] = param.detach().clone()

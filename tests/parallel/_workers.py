@@ -16,11 +16,48 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moemix.layers import SparseMoE
+from moemix.layers import GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul
 from moemix.losses import collect_aux_loss
-from moemix.parallel import ExpertParallelMoE, all_to_all, distribute_experts, named_expert_parameters
+from moemix.parallel import (ExpertParallelMoE, ShardedExperts, all_to_all, distribute_experts,
+                             named_expert_parameters, shard_experts)
 
 D, H = 8, 16
+
+
+class TanhRouter(TopKRouter):
+    """A router that scores experts its own way (the gate on tanh of the tokens)."""
+
+    def gate_logits(self, x):
+        return super().gate_logits(torch.tanh(x))
+
+
+class ScaledLinearExperts(RoutedExperts):
+    """One ``[D, D']`` matrix per expert and a per-expert output scale held as a buffer."""
+
+    def __init__(self, num_experts, in_features, out_features):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features) / in_features ** 0.5)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, num_experts))
+
+    def forward(self, rows, counts, capacity=None, offsets=None):
+        rows_per_expert = counts if capacity is None else [capacity] * self.num_experts  # padded layout
+        row_scale = torch.repeat_interleave(self.scale, torch.tensor(rows_per_expert, device=rows.device),
+                                            output_size=sum(rows_per_expert))
+        row_scale = torch.cat([row_scale, row_scale.new_ones(rows.shape[0] - row_scale.shape[0])])  # dropped rows
+        return grouped_matmul(rows, self.weight, counts, capacity=capacity) * row_scale[:, None]
+
+
+def own_parts_layer(num_experts=4, out_features=6, capacity_factor=None):
+    """An MoELayer from one's own router and experts, with a gated shared expert."""
+    return MoELayer(TanhRouter(D, num_experts, k=2, capacity_factor=capacity_factor),
+                    ScaledLinearExperts(num_experts, D, out_features), shared_expert=nn.Linear(D, out_features),
+                    shared_gate=nn.Linear(D, 1), aux_loss="importance")
+
+
+def full_name(name: str) -> str:
+    """The single-process name of a sharded layer's parameter."""
+    return name.replace("experts.local.", "experts.")
 
 # shapes: per-rank leading shape of the input tokens.
 CASES = {
@@ -37,6 +74,12 @@ CASES = {
     "sum_grad_scale": dict(kwargs=dict(num_experts=4, k=2), shapes=((6,), (5,)), expert_grad_scale=1.0),
     "grouped_mm_experts": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", bias=(True, False),
                                            dispatch_layout="grouped_mm"), shapes=((7,), (5,))),
+    # layers that are not SparseMoE, sharded in place by shard_experts
+    "own_router_and_experts": dict(build=own_parts_layer, shapes=((9,), (6,))),
+    "own_parts_capacity": dict(build=lambda: own_parts_layer(capacity_factor=0.75), shapes=((8,), (5,))),
+    "moe_layer_grouped_experts": dict(
+        build=lambda: MoELayer(TopKRouter(D, 8, k=2), GroupedExperts(8, D, H, act_layer="silu", glu=True)),
+        shapes=((5, 2), (3,))),
 }
 
 
@@ -61,14 +104,17 @@ def _make_data(shapes, out_features, skew):
 
 def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dict:
     """One case on ``world_size`` ranks (the first ``world_size`` of its per-rank shapes)."""
-    kwargs, scale = case["kwargs"], case.get("expert_grad_scale")
+    scale = case.get("expert_grad_scale")
     torch.manual_seed(0)
-    ref = SparseMoE(D, H, **kwargs)
+    ref = case["build"]() if "build" in case else SparseMoE(D, H, **case["kwargs"])
     if case.get("skew"):
         with torch.no_grad():
             ref.router.weight.copy_(5 * torch.eye(ref.num_experts, D))
     ref.to(device)
-    ep = ExpertParallelMoE.from_sparse_moe(ref, expert_grad_scale=scale)
+    if isinstance(ref, SparseMoE):
+        ep = ExpertParallelMoE.from_sparse_moe(ref, expert_grad_scale=scale)
+    else:
+        ep = shard_experts(copy.deepcopy(ref), expert_grad_scale=scale)
     xs, grads = _make_data(case["shapes"][:world_size], ref.out_features, case.get("skew"))
     xs, grads = [t.to(device) for t in xs], [t.to(device) for t in grads]
 
@@ -93,23 +139,28 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
 
     scale = 1.0 / world_size if scale is None else scale
     ref_params = dict(ref.named_parameters())
-    local = ep.local_expert_range
-    expert_err = max(_max_diff(p.grad, scale * ref_params[n].grad[local.start:local.stop])
+    local = ep.experts.local_expert_range
+    expert_err = max(_max_diff(p.grad, scale * ref_params[full_name(n)].grad[local.start:local.stop])
                      for n, p in ep.named_parameters() if n in expert_names)
     replicated_err = max(_max_diff(p.grad, None if ref_params[n].grad is None else ref_params[n].grad / world_size)
                          for n, p in ep.named_parameters() if n not in expert_names)
+    buffers = {full_name(n): b for n, b in ep.named_buffers()}
+    buffer_err = max([_max_diff(b, ref.get_buffer(n)[local.start:local.stop]) for n, b in buffers.items()],
+                     default=0.0)
     return {
         "output": _max_diff(y.detach(), y_ref), "shape_ok": y.shape == xs[rank].shape[:-1] + (ref.out_features,),
         "input_grad": _max_diff(x.grad, x_refs[rank].grad), "aux_loss": _max_diff(ep.aux_loss.detach(), aux_ref),
         "replicated_grad": replicated_err, "expert_grad": expert_err,
         "tokens_per_expert": ep.tokens_per_expert.tolist(), "tokens_per_expert_ref": tpe_ref.tolist(),
-        "dropped": (ep.dropped_tokens, dropped_ref), "local_tokens_per_expert": ep.local_tokens_per_expert.tolist(),
+        "dropped": (ep.dropped_tokens, dropped_ref), "buffers": buffer_err, "type": type(ep).__name__,
+        "local_tokens_per_expert": ep.experts.local_tokens_per_expert.tolist(),
         "expert_grad_norm": sum(p.grad.abs().sum().item() for n, p in ep.named_parameters() if n in expert_names),
     }
 
 
 def _tiny_model(num_experts=4):
-    return nn.Sequential(nn.Linear(D, D), SparseMoE(D, H, num_experts=num_experts, k=2), nn.Linear(D, 3))
+    return nn.Sequential(nn.Linear(D, D), SparseMoE(D, H, num_experts=num_experts, k=2),
+                         own_parts_layer(num_experts, out_features=D), nn.Linear(D, 3))
 
 
 def ddp_training(rank: int, world_size: int, steps: int = 2) -> dict:
@@ -131,15 +182,16 @@ def ddp_training(rank: int, world_size: int, steps: int = 2) -> dict:
         loss_ref = sum(F.mse_loss(ref(x), t) + collect_aux_loss(ref) for x, t in zip(xs, ts)) / world_size
         loss_ref.backward()
         opt_ref.step()
-    ep = model[1]
-    local = ep.local_expert_range
+    local = model[1].experts.local_expert_range  # both MoE layers have 4 experts
     ref_params = dict(ref.named_parameters())
     expert_names = {name for name, _ in named_expert_parameters(model)}
-    err = {"replaced": replaced, "ignored": sorted(model._ddp_params_and_buffers_to_ignore)}
+    err = {"replaced": replaced, "ignored": sorted(model._ddp_params_and_buffers_to_ignore),
+           "types": [type(m).__name__ for m in model]}
     err["replicated"] = max(_max_diff(p.detach(), ref_params[n].detach())
                             for n, p in model.named_parameters() if n not in expert_names)
-    err["experts"] = max(_max_diff(p.detach(), ref_params[n].detach()[local.start:local.stop])
+    err["experts"] = max(_max_diff(p.detach(), ref_params[full_name(n)].detach()[local.start:local.stop])
                          for n, p in model.named_parameters() if n in expert_names)
+    err["again"] = distribute_experts(model)  # idempotent
     return err
 
 
@@ -155,10 +207,11 @@ def constructor(rank: int, world_size: int) -> dict:
     local = ep.local_expert_range
     ref_params = dict(ref.named_parameters())
     expert_names = {name for name, _ in named_expert_parameters(ep)}
-    diff = max(_max_diff(p.detach(), ref_params[n].detach()[local.start:local.stop] if n in expert_names
+    diff = max(_max_diff(p.detach(), ref_params[full_name(n)].detach()[local.start:local.stop] if n in expert_names
                          else ref_params[n].detach()) for n, p in ep.named_parameters())
     return {"param_diff": diff, "rng_diff": _max_diff(after_ep, after_ref), "local": list(local),
-            "w1_shape": tuple(ep.experts.w1.shape), "num_experts": ep.num_experts}
+            "w1_shape": tuple(ep.experts.local.w1.shape), "num_experts": ep.num_experts,
+            "expert_names": sorted(expert_names)}
 
 
 def _message(fn) -> str:
@@ -178,6 +231,13 @@ def errors(rank: int, world_size: int) -> dict:
         "bad_splits": _message(lambda: all_to_all(torch.zeros(3, 2), [1, 2, 0], [3])),
         "bad_rows": _message(lambda: all_to_all(torch.zeros(3, 2), [1, 2], [1, 1])),
         "wrong_last_dim": _message(lambda: ep(torch.zeros(2, D + 1))),
+        "shard_twice": _message(lambda: shard_experts(ep)),
+        "shard_not_a_layer": _message(lambda: shard_experts(nn.Linear(D, D))),
+        "select_sharded": _message(lambda: ep.experts.select_experts(0, 1)),
+        "sharded_forward": _message(lambda: ep.experts(torch.zeros(2, D), [1, 1])),
+        "local_count": _message(lambda: ShardedExperts(GroupedExperts(4, D, H), 4)),
+        "shared_activation_weight": _message(
+            lambda: shard_experts(SparseMoE(D, H, num_experts=4, act_layer=nn.PReLU))),
     }
 
 

@@ -1,4 +1,5 @@
-"""ExpertParallelMoE on 2 gloo processes equals the single-process SparseMoE (outputs and gradients).
+"""Sharded experts on 2 gloo processes equal the single-process layer (outputs and gradients): ExpertParallelMoE
+against SparseMoE, and MoELayers with their own router or experts sharded by shard_experts.
 
 One spawn runs every case (tests/parallel/_workers.py) and each test below checks one behaviour.
 """
@@ -88,15 +89,26 @@ def test_empty_rank_case_has_no_tokens_on_rank_1(results):
     assert sum(results[1]["empty_rank"]["local_tokens_per_expert"]) > 0  # it still serves rank 0
 
 
-def test_capacity_case_drops_tokens(results):
-    assert all(results[r]["glu_shared_capacity"]["dropped"][0] > 0 for r in range(WORLD_SIZE))
+@pytest.mark.parametrize("case", ["glu_shared_capacity", "own_parts_capacity"])
+def test_capacity_case_drops_tokens(results, case):
+    assert all(results[r][case]["dropped"][0] > 0 for r in range(WORLD_SIZE))
+
+
+@ranks
+def test_own_layers_keep_their_class_and_slice_their_buffers(results, rank):
+    for case in ("own_router_and_experts", "own_parts_capacity", "moe_layer_grouped_experts"):
+        assert results[rank][case]["type"] == "MoELayer"
+        assert results[rank][case]["buffers"] == 0.0
+    assert results[rank]["uneven_tokens"]["type"] == "ExpertParallelMoE"
 
 
 @ranks
 def test_ddp_training_matches_single_process_sgd(results, rank):
     res = results[rank]["ddp_training"]
-    assert res["replaced"] == 1
-    assert res["ignored"] == ["1.experts.b1", "1.experts.b2", "1.experts.w1", "1.experts.w2"]
+    assert res["replaced"] == 2 and res["again"] == 0
+    assert res["types"] == ["Linear", "SparseMoE", "MoELayer", "Linear"]  # sharded in place
+    assert res["ignored"] == ["1.experts.local.b1", "1.experts.local.b2", "1.experts.local.w1", "1.experts.local.w2",
+                              "2.experts.local.scale", "2.experts.local.weight"]
     assert res["replicated"] < TOL
     assert res["experts"] < TOL
 
@@ -106,6 +118,7 @@ def test_constructor_builds_this_ranks_slice_of_the_seeded_sparse_moe(results, r
     res = results[rank]["constructor"]
     assert res["local"] == [2 * rank, 2 * rank + 1]
     assert res["w1_shape"] == (2, 8, 32) and res["num_experts"] == 4
+    assert res["expert_names"] == ["experts.local.b1", "experts.local.b2", "experts.local.w1", "experts.local.w2"]
     assert res["param_diff"] == 0.0
     assert res["rng_diff"] == 0.0
 
@@ -117,6 +130,12 @@ def test_constructor_builds_this_ranks_slice_of_the_seeded_sparse_moe(results, r
     ("bad_splits", "ValueError: output_splits"),
     ("bad_rows", "ValueError: x must have sum(input_splits)=2 rows"),
     ("wrong_last_dim", "ValueError: ExpertParallelMoE expected input of shape [..., 8]"),
+    ("shard_twice", "ValueError: layer's experts are sharded already"),
+    ("shard_not_a_layer", "ValueError: layer must be a MoELayer, got Linear"),
+    ("select_sharded", "ValueError: these experts are sharded already"),
+    ("sharded_forward", "RuntimeError: ShardedExperts run through forward_routed"),
+    ("local_count", "ValueError: local must hold num_experts / world size = 2 experts, got 4"),
+    ("shared_activation_weight", "ValueError: GroupedExperts.select_experts cannot split the parameter act.weight"),
 ])
 def test_bad_arguments_raise_value_errors(results, check, message):
     for rank in range(WORLD_SIZE):

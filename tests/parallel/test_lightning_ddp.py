@@ -1,4 +1,4 @@
-"""ExpertParallelMoE inside Lightning's ``ddp`` strategy (2 CPU processes, gloo)."""
+"""Sharded experts inside Lightning's ``ddp`` strategy (2 CPU processes, gloo)."""
 from __future__ import annotations
 
 import os
@@ -28,8 +28,9 @@ def ranks(tmp_path_factory):
 
 def test_configure_model_shards_the_moe_and_hides_experts_from_ddp(ranks):
     for res in ranks:
-        assert res["type"] == "ExpertParallelMoE"
-        assert res["ignored"] == ["net.1.experts.b1", "net.1.experts.b2", "net.1.experts.w1", "net.1.experts.w2"]
+        assert (res["type"], res["experts_type"]) == ("SparseMoE", "ShardedExperts")  # sharded in place
+        assert res["ignored"] == ["net.1.experts.local.b1", "net.1.experts.local.b2", "net.1.experts.local.w1",
+                                  "net.1.experts.local.w2"]
 
 
 def test_training_matches_single_process_replay_of_the_same_batches(ranks):

@@ -1,0 +1,202 @@
+"""ShardedExperts: the experts of any MoELayer sharded across a ``torch.distributed`` group.
+
+Each of the ``W`` ranks holds ``L = E / W`` consecutive experts (rank ``r`` owns experts
+``r * L ... (r + 1) * L - 1``) as ``local``, any :class:`~moemix.layers.RoutedExperts`. Routing stays with the
+layer (replicated); a forward pass of the routed tokens:
+
+    x [T, D] --plan_dispatch, dispatch_tokens--> rows sorted by global expert [N, D]
+      --exchange_counts--> rows each rank will send me, per local expert   (one host sync)
+      --all_to_all--> received rows [M, D], ordered (source rank, local expert)
+      --regroup (gather)--> ordered (local expert, source rank) --local experts--> [M, D']
+      --inverse gather, all_to_all back--> [N, D'] --combine_tokens--> y [T, D']
+
+References: Lepikhin et al. 2020 (GShard, all-to-all expert parallelism); Gale et al. 2022 (megablocks:
+counts first, then a variable-size ``all_to_all_single``, dropless).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.moe_layer import MoELayer
+from moemix.layers.routed_experts import RoutedExperts
+from moemix.layers.router import RoutingDecision
+from moemix.parallel._grad import permute_rows, regroup_permutation, scale_grad
+from moemix.parallel.all_to_all import all_to_all, exchange_counts
+
+__all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size"]
+
+
+def group_rank_and_size(group: Optional[dist.ProcessGroup], num_experts: int) -> Tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``group``, checking that ``num_experts`` splits evenly."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("expert parallelism needs an initialised torch.distributed process group; call "
+                           "dist.init_process_group first (in Lightning, shard in configure_model)")
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group does not contain this process")
+    if num_experts % world_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the group's world size ({world_size})")
+    return rank, world_size
+
+
+class ShardedExperts(RoutedExperts):
+    """This rank's share of a layer's experts, and the all-to-all that brings every rank's tokens to them.
+
+    Built on every rank of ``group`` from the same full experts (same seed) by :meth:`from_experts` or
+    :func:`shard_experts`; it plans and combines over all ``num_experts`` experts, so any
+    :class:`~moemix.layers.MoELayer` (``SparseMoE``, or one with its own router or experts) holding it
+    computes on each rank exactly what it computed on that rank's tokens with the full experts, and so do
+    the gradients, see ``expert_grad_scale``.
+
+    Args:
+        local: this rank's experts, a :class:`~moemix.layers.RoutedExperts` with ``num_experts / W`` experts
+            (``full.select_experts(r * L, (r + 1) * L)``). Every parameter in it is rank-local: excluded from
+            DDP by :func:`~moemix.parallel.exclude_expert_params_from_ddp`.
+        num_experts: ``E``, the experts over all ranks (the router's).
+        group: process group the experts are sharded over. Defaults to the default (world) group.
+        expert_grad_scale: factor applied to the gradients of the local expert parameters. They receive the
+            *sum* over ranks of the gradients of each rank's loss, while DDP *averages* the replicated
+            gradients over ranks; the default ``1 / W`` makes both the gradient of the mean of the ranks'
+            losses (Megatron-core scales expert gradients the same way). Use 1.0 when the replicated
+            gradients are summed instead. Input and router gradients are never scaled.
+
+    Attributes (after each forward):
+        local_tokens_per_expert: ``[E / W]`` rows this rank's experts processed, from all ranks.
+
+    The tokens travel in the sorted layout whatever the layer's ``dispatch_layout`` says; the received rows
+    reach ``local.forward`` sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
+    layout is ``"grouped_mm"``, or ``"auto"`` and ``local.grouped_mm_pays_off(x)`` says so (``GroupedExperts``:
+    CUDA, bfloat16).
+
+    Raises:
+        ValueError: ``num_experts`` not divisible by the group's world size, ``local`` not holding
+            ``num_experts / W`` experts, or ``expert_grad_scale <= 0``.
+        RuntimeError: ``torch.distributed`` is not initialised.
+    """
+
+    def __init__(self, local: nn.Module, num_experts: int, group: Optional[dist.ProcessGroup] = None,
+                 expert_grad_scale: Optional[float] = None):
+        super().__init__()
+        rank, world_size = group_rank_and_size(group, num_experts)
+        if not isinstance(local, RoutedExperts) or isinstance(local, ShardedExperts):
+            raise ValueError(f"local must be RoutedExperts that are not sharded already, got {type(local).__name__}")
+        if local.num_experts * world_size != num_experts:
+            raise ValueError(f"local must hold num_experts / world size = {num_experts // world_size} experts, "
+                             f"got {local.num_experts}")
+        if expert_grad_scale is None:
+            expert_grad_scale = 1.0 / world_size
+        if not expert_grad_scale > 0:
+            raise ValueError(f"expert_grad_scale must be > 0 or None, got {expert_grad_scale!r}")
+        self.local = local
+        self.num_experts = num_experts
+        self.in_features, self.out_features = local.in_features, local.out_features
+        self.group = group
+        self.rank, self.world_size = rank, world_size
+        self.expert_grad_scale = float(expert_grad_scale)
+        self.local_tokens_per_expert: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, group: Optional[dist.ProcessGroup] = None, *,
+                     expert_grad_scale: Optional[float] = None) -> "ShardedExperts":
+        """This rank's shard of the full ``experts`` (its slice copied by ``experts.select_experts``)."""
+        if not isinstance(experts, RoutedExperts) or isinstance(experts, ShardedExperts):
+            raise ValueError(f"experts must be RoutedExperts that are not sharded already, got "
+                             f"{type(experts).__name__}")
+        rank, world_size = group_rank_and_size(group, experts.num_experts)
+        count = experts.num_experts // world_size
+        return cls(experts.select_experts(rank * count, (rank + 1) * count), experts.num_experts, group,
+                   expert_grad_scale)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.local.num_experts
+
+    @property
+    def local_expert_range(self) -> range:
+        """Global ids of the experts held by this rank."""
+        return range(self.rank * self.num_local_experts, (self.rank + 1) * self.num_local_experts)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, local_experts={self.local_expert_range.start}.."
+                f"{self.local_expert_range.stop - 1}, world_size={self.world_size}, "
+                f"expert_grad_scale={self.expert_grad_scale:g}")
+
+    def select_experts(self, start: int, stop: int) -> RoutedExperts:
+        raise ValueError("these experts are sharded already; select from the full experts")
+
+    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
+        """The sorted plan over all ``E`` experts (each destination rank's rows one contiguous block); its
+        ``layout`` says how the local experts will run the received rows: ``"grouped_mm"`` or ``"sorted"``."""
+        plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
+        pays_off = getattr(self.local, "grouped_mm_pays_off", None)
+        if layout == "grouped_mm" or (layout == "auto" and pays_off is not None and pays_off(x)):
+            plan = dataclasses.replace(plan, layout="grouped_mm")  # offsets: from the exchanged counts
+        return plan
+
+    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])``, the experts wherever they live."""
+        x_sorted = dispatch_tokens(x, plan)
+        routed = x_sorted.shape[0] - plan.num_dropped  # dropped rows trail; they are never sent
+        y_routed = self._remote_experts(x_sorted[:routed], plan.tokens_per_expert, plan.counts,
+                                        plan.layout == "grouped_mm")
+        if plan.num_dropped:
+            y_routed = torch.cat([y_routed, y_routed.new_zeros(plan.num_dropped, y_routed.shape[-1])])
+        return combine_tokens(y_routed, weights, plan)
+
+    def _remote_experts(self, x: torch.Tensor, send_counts: torch.Tensor, send_host: List[int],
+                        grouped_mm: bool) -> torch.Tensor:
+        """Rows ``[N, D]`` sorted by global expert -> their expert outputs ``[N, D']``, same order."""
+        world, local = self.world_size, self.num_local_experts
+        recv_counts_dev = exchange_counts(send_counts, self.group)
+        recv_host = recv_counts_dev.tolist()  # host sync: split sizes
+        recv_counts = [recv_host[r * local:(r + 1) * local] for r in range(world)]
+        input_splits = [sum(send_host[r * local:(r + 1) * local]) for r in range(world)]
+        output_splits = [sum(row) for row in recv_counts]
+        x_recv = all_to_all(x, output_splits, input_splits, self.group)
+        local_counts = [sum(row[l] for row in recv_counts) for l in range(local)]
+        self.local_tokens_per_expert = torch.tensor(local_counts, device=x.device)
+        regroup = world > 1 and local > 1  # otherwise arrival order is already by local expert
+        if regroup:
+            index, inverse = regroup_permutation(recv_counts, x.device)
+            x_recv = permute_rows(x_recv, index, inverse)
+        # slice ends of the local experts from the exchanged counts, on the device
+        offsets = (torch.cumsum(recv_counts_dev.view(world, local).sum(0), 0, dtype=torch.int32) if grouped_mm
+                   else None)
+        # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
+        # gradient flowing back to the tokens.
+        s = self.expert_grad_scale
+        y_recv = self.local(scale_grad(x_recv, 1.0 / s), local_counts, None, offsets)
+        if y_recv.dim() != 2 or y_recv.shape[0] != x_recv.shape[0]:
+            raise ValueError(f"{type(self.local).__name__}.forward must return [rows, out_features] = "
+                             f"[{x_recv.shape[0]}, {self.out_features}], got {tuple(y_recv.shape)}")
+        y_recv = scale_grad(y_recv, s)
+        if regroup:
+            y_recv = permute_rows(y_recv, inverse, index)
+        return all_to_all(y_recv, input_splits, output_splits, self.group)
+
+    def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
+                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise RuntimeError("ShardedExperts run through forward_routed (their experts live on several ranks); "
+                           "call local(...) for this rank's experts")
+
+
+def shard_experts(layer: MoELayer, group: Optional[dist.ProcessGroup] = None, *,
+                  expert_grad_scale: Optional[float] = None) -> MoELayer:
+    """Shard the experts of ``layer`` over ``group``, in place: ``layer.experts`` becomes its
+    :class:`ShardedExperts` (this rank's slice, copied; the full experts are let go). Returns ``layer``.
+
+    Call it on every rank with identical layers (same seed). The layer keeps its class, router, shared
+    expert and forward; its expert parameters are now named ``experts.local.*``.
+    """
+    if not isinstance(layer, MoELayer):
+        raise ValueError(f"layer must be a MoELayer, got {type(layer).__name__}")
+    if isinstance(layer.experts, ShardedExperts):
+        raise ValueError("layer's experts are sharded already")
+    layer.experts = ShardedExperts.from_experts(layer.experts, group, expert_grad_scale=expert_grad_scale)
+    return layer
