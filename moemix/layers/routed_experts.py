@@ -82,20 +82,21 @@ class RoutedExperts(nn.Module):
 
         The default slices every parameter and buffer registered on this module itself along its first
         dimension, which must be ``num_experts`` (stacked ``[E, ...]`` tensors, as in ``GroupedExperts``), and
-        copies everything else (flags, parameter-free submodules such as the activation); the full stack is
-        never duplicated and no random numbers are drawn. Experts holding other parameters (a submodule with
-        weights, an ``nn.ModuleList`` of experts, a weight shared by all experts) raise ``ValueError``: their
-        class must override this method, returning experts whose every parameter belongs to the selected
-        experts alone.
+        copies everything else whole (flags, plain tensor attributes, submodules without parameters or
+        buffers such as the activation); the full stack is never duplicated and no random numbers are drawn.
+        Experts holding other state (a submodule with weights or buffers, an ``nn.ModuleList`` of experts, a
+        weight shared by all experts) raise ``ValueError``: their class must override this method, returning
+        experts whose every parameter and buffer belongs to the selected experts alone.
         """
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_experts):
             raise ValueError(f"select_experts needs 0 <= start < stop <= num_experts={self.num_experts}, "
                              f"got start={start!r}, stop={stop!r}")
         kind = type(self).__name__
         for child_name, child in self.named_children():
-            for name, _ in child.named_parameters():
-                raise ValueError(f"{kind}.select_experts cannot split the parameter {child_name}.{name} (a "
-                                 f"submodule's); override select_experts in {kind}")
+            for what, named in (("parameter", child.named_parameters()), ("buffer", child.named_buffers())):
+                for name, _ in named:
+                    raise ValueError(f"{kind}.select_experts cannot split the {what} {child_name}.{name} (a "
+                                     f"submodule's); override select_experts in {kind}")
         memo = {}
         for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
             if tensor is None:

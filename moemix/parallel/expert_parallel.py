@@ -110,6 +110,10 @@ class ExpertParallelMoE(SparseMoE):
     def expert_grad_scale(self) -> float:
         return self.experts.expert_grad_scale
 
+    @expert_grad_scale.setter
+    def expert_grad_scale(self, value: float) -> None:
+        self.experts.expert_grad_scale = value
+
     @property
     def local_tokens_per_expert(self) -> Optional[torch.Tensor]:
         """``[E / W]`` rows this rank's experts processed in the last forward, from all ranks."""

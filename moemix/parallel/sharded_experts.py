@@ -32,6 +32,25 @@ from moemix.parallel.all_to_all import all_to_all, exchange_counts
 __all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size"]
 
 
+def _check_unsharded(name: str, experts: nn.Module) -> None:
+    if isinstance(experts, ShardedExperts):
+        raise ValueError(f"{name} are sharded already")
+    if not isinstance(experts, RoutedExperts):
+        raise ValueError(f"{name} must be a RoutedExperts subclass (it has select_experts and forward on the expert "
+                         f"buffer), got {type(experts).__name__}")
+    if type(experts).forward is RoutedExperts.forward:
+        raise ValueError(f"{name} ({type(experts).__name__}) must implement forward(rows, counts, capacity=None, "
+                         "offsets=None): sharded experts run the received rows through it")
+
+
+@dataclasses.dataclass
+class ShardedPlan(DispatchPlan):
+    """The sorted plan over all experts, and whether the local experts run the received rows in
+    ``F.grouped_mm`` (their slice ends then come from the exchanged counts)."""
+
+    local_grouped_mm: bool = False
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup], num_experts: int) -> Tuple[int, int]:
     """``(rank, world_size)`` of this process in ``group``, checking that ``num_experts`` splits evenly."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -70,7 +89,8 @@ class ShardedExperts(RoutedExperts):
         local_tokens_per_expert: ``[E / W]`` rows this rank's experts processed, from all ranks.
 
     The tokens travel in the sorted layout whatever the layer's ``dispatch_layout`` says; the received rows
-    reach ``local.forward`` sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
+    reach ``local.forward`` (never ``local.forward_routed``: its overrides, such as ``GroupedExperts``'s
+    fused loop, do not apply to the received rows) sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
     layout is ``"grouped_mm"``, or ``"auto"`` and ``local.grouped_mm_pays_off(x)`` says so (``GroupedExperts``:
     CUDA, bfloat16).
 
@@ -84,34 +104,38 @@ class ShardedExperts(RoutedExperts):
                  expert_grad_scale: Optional[float] = None):
         super().__init__()
         rank, world_size = group_rank_and_size(group, num_experts)
-        if not isinstance(local, RoutedExperts) or isinstance(local, ShardedExperts):
-            raise ValueError(f"local must be RoutedExperts that are not sharded already, got {type(local).__name__}")
+        _check_unsharded("local", local)
         if local.num_experts * world_size != num_experts:
             raise ValueError(f"local must hold num_experts / world size = {num_experts // world_size} experts, "
                              f"got {local.num_experts}")
-        if expert_grad_scale is None:
-            expert_grad_scale = 1.0 / world_size
-        if not expert_grad_scale > 0:
-            raise ValueError(f"expert_grad_scale must be > 0 or None, got {expert_grad_scale!r}")
         self.local = local
         self.num_experts = num_experts
         self.in_features, self.out_features = local.in_features, local.out_features
         self.group = group
         self.rank, self.world_size = rank, world_size
-        self.expert_grad_scale = float(expert_grad_scale)
+        self.expert_grad_scale = 1.0 / world_size if expert_grad_scale is None else expert_grad_scale
         self.local_tokens_per_expert: Optional[torch.Tensor] = None
 
     @classmethod
     def from_experts(cls, experts: RoutedExperts, group: Optional[dist.ProcessGroup] = None, *,
                      expert_grad_scale: Optional[float] = None) -> "ShardedExperts":
         """This rank's shard of the full ``experts`` (its slice copied by ``experts.select_experts``)."""
-        if not isinstance(experts, RoutedExperts) or isinstance(experts, ShardedExperts):
-            raise ValueError(f"experts must be RoutedExperts that are not sharded already, got "
-                             f"{type(experts).__name__}")
+        _check_unsharded("experts", experts)
         rank, world_size = group_rank_and_size(group, experts.num_experts)
         count = experts.num_experts // world_size
         return cls(experts.select_experts(rank * count, (rank + 1) * count), experts.num_experts, group,
                    expert_grad_scale)
+
+    @property
+    def expert_grad_scale(self) -> float:
+        return self._expert_grad_scale
+
+    @expert_grad_scale.setter
+    def expert_grad_scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"expert_grad_scale must be a number > 0 (None at construction: 1 / world size), "
+                             f"got {value!r}")
+        self._expert_grad_scale = float(value)
 
     @property
     def num_local_experts(self) -> int:
@@ -130,21 +154,21 @@ class ShardedExperts(RoutedExperts):
     def select_experts(self, start: int, stop: int) -> RoutedExperts:
         raise ValueError("these experts are sharded already; select from the full experts")
 
-    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
-        """The sorted plan over all ``E`` experts (each destination rank's rows one contiguous block); its
-        ``layout`` says how the local experts will run the received rows: ``"grouped_mm"`` or ``"sorted"``."""
+    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> ShardedPlan:
+        """The sorted plan over all ``E`` experts (each destination rank's rows one contiguous block), and
+        whether the local experts will run the received rows in ``F.grouped_mm``."""
         plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
         pays_off = getattr(self.local, "grouped_mm_pays_off", None)
-        if layout == "grouped_mm" or (layout == "auto" and pays_off is not None and pays_off(x)):
-            plan = dataclasses.replace(plan, layout="grouped_mm")  # offsets: from the exchanged counts
-        return plan
+        grouped_mm = layout == "grouped_mm" or (layout == "auto" and pays_off is not None and pays_off(x))
+        return ShardedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)},
+                           local_grouped_mm=grouped_mm)
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])``, the experts wherever they live."""
         x_sorted = dispatch_tokens(x, plan)
         routed = x_sorted.shape[0] - plan.num_dropped  # dropped rows trail; they are never sent
         y_routed = self._remote_experts(x_sorted[:routed], plan.tokens_per_expert, plan.counts,
-                                        plan.layout == "grouped_mm")
+                                        getattr(plan, "local_grouped_mm", False))
         if plan.num_dropped:
             y_routed = torch.cat([y_routed, y_routed.new_zeros(plan.num_dropped, y_routed.shape[-1])])
         return combine_tokens(y_routed, weights, plan)
@@ -179,6 +203,14 @@ class ShardedExperts(RoutedExperts):
         if regroup:
             y_recv = permute_rows(y_recv, inverse, index)
         return all_to_all(y_recv, input_splits, output_splits, self.group)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Per-rank checkpoints of expert-parallel layers saved before the experts moved under ``local.``.
+        local_names = [name for name, _ in self.local.named_parameters()] + [n for n, _ in self.local.named_buffers()]
+        for name in local_names:
+            if prefix + name in state_dict and prefix + "local." + name not in state_dict:
+                state_dict[prefix + "local." + name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:

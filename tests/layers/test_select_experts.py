@@ -77,3 +77,10 @@ def test_submodule_with_parameters_raises_naming_it():
     experts = GroupedExperts(4, 8, 16, act_layer=nn.PReLU)  # one PReLU weight shared by all experts
     with pytest.raises(ValueError, match=r"cannot split the parameter act.weight"):
         experts.select_experts(0, 2)
+
+
+def test_submodule_with_buffers_raises_naming_it():
+    experts = ScaledLinear()
+    experts.norm = nn.BatchNorm1d(3, affine=False)  # running statistics: a buffer of a submodule
+    with pytest.raises(ValueError, match=r"cannot split the buffer norm.running_mean"):
+        experts.select_experts(0, 2)

@@ -241,6 +241,42 @@ def errors(rank: int, world_size: int) -> dict:
     }
 
 
+class ForwardRoutedOnly(ScaledLinearExperts):
+    """Experts that override forward_routed but leave forward unimplemented."""
+
+    forward = RoutedExperts.forward
+
+    def forward_routed(self, x, weights, plan):
+        return x.new_zeros(x.shape[0], self.out_features)
+
+
+def api(rank: int, world_size: int) -> dict:
+    """distribute_experts's all-or-nothing and include, old checkpoint names, the grad-scale setter."""
+    torch.manual_seed(0)
+    mixed = nn.Sequential(SparseMoE(D, H, num_experts=4), SparseMoE(D, H, num_experts=3))
+    partial = _message(lambda: distribute_experts(mixed))
+    picked = nn.Sequential(SparseMoE(D, H, num_experts=4), own_parts_layer(3, out_features=D))
+    count = distribute_experts(picked, include=lambda name, layer: name == "0")
+
+    torch.manual_seed(1)
+    source = ExpertParallelMoE(D, H, num_experts=4, glu=True)
+    old_names = {full_name(k): v for k, v in source.state_dict().items()}  # keys before experts.local
+    torch.manual_seed(2)
+    target = ExpertParallelMoE(D, H, num_experts=4, glu=True)
+    load = target.load_state_dict(old_names)
+    restored = max(_max_diff(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    target.expert_grad_scale = 0.25
+    return {
+        "partial": partial, "partial_untouched": [type(m.experts).__name__ for m in mixed],
+        "include_count": count, "include_types": [type(m.experts).__name__ for m in picked],
+        "old_names_missing": list(load.missing_keys), "old_names_unexpected": list(load.unexpected_keys),
+        "old_names_restored": restored, "set_scale": target.experts.expert_grad_scale,
+        "bad_scale": _message(lambda: setattr(target, "expert_grad_scale", 0.0)),
+        "forward_routed_only": _message(lambda: shard_experts(MoELayer(TopKRouter(D, 4, 2),
+                                                                       ForwardRoutedOnly(4, D, D)))),
+    }
+
+
 def nccl_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Every equivalence case with rank ``r`` on ``cuda:r`` over NCCL."""
     results = {name: run_case(rank, world_size, case, device=f"cuda:{rank}") for name, case in CASES.items()}
@@ -252,4 +288,5 @@ def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
     results["ddp_training"] = ddp_training(rank, world_size)
     results["constructor"] = constructor(rank, world_size)
     results["errors"] = errors(rank, world_size)
+    results["api"] = api(rank, world_size)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -146,3 +146,37 @@ def test_requires_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallelMoE(8, 16, num_experts=4)
+
+
+@ranks
+def test_distribute_experts_changes_nothing_when_a_layer_cannot_be_sharded(results, rank):
+    res = results[rank]["api"]
+    assert res["partial"].startswith("ValueError: cannot shard the experts of 1 (SparseMoE): num_experts (3) must be "
+                                     "divisible by the group's world size (2)")
+    assert res["partial_untouched"] == ["GroupedExperts", "GroupedExperts"]
+
+
+@ranks
+def test_distribute_experts_shards_the_included_layers_only(results, rank):
+    res = results[rank]["api"]
+    assert res["include_count"] == 1
+    assert res["include_types"] == ["ShardedExperts", "ScaledLinearExperts"]
+
+
+@ranks
+def test_checkpoints_with_the_names_before_experts_local_load(results, rank):
+    res = results[rank]["api"]
+    assert res["old_names_missing"] == [] and res["old_names_unexpected"] == []
+    assert res["old_names_restored"] == 0.0
+
+
+@ranks
+def test_expert_grad_scale_can_be_set_and_is_checked(results, rank):
+    res = results[rank]["api"]
+    assert res["set_scale"] == 0.25
+    assert res["bad_scale"].startswith("ValueError: expert_grad_scale must be a number > 0")
+
+
+def test_experts_without_forward_are_refused(results):
+    assert results[0]["api"]["forward_routed_only"].startswith(
+        "ValueError: experts (ForwardRoutedOnly) must implement forward(rows, counts")

@@ -1,4 +1,5 @@
-"""ExpertParallelMoE over NCCL, one GPU per rank, against the single-process layer.
+"""Sharded experts (ExpertParallelMoE, MoELayers with their own parts) over NCCL, one GPU per rank, against the
+single-process layer.
 
 Runs on every visible GPU up to 2 ranks (skipped without CUDA/NCCL). With one GPU the group has a
 single rank: the NCCL count exchange, all-to-all and gradient scaling still run on the device.
