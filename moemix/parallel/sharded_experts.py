@@ -88,11 +88,11 @@ class ShardedExperts(RoutedExperts):
     Attributes (after each forward):
         local_tokens_per_expert: ``[E / W]`` rows this rank's experts processed, from all ranks.
 
-    The tokens travel in the sorted layout whatever the layer's ``dispatch_layout`` says; the received rows
-    reach ``local.forward`` (never ``local.forward_routed``: its overrides, such as ``GroupedExperts``'s
-    fused loop, do not apply to the received rows) sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
+    The tokens travel in the sorted layout whatever the layer's ``dispatch_layout`` says. The received rows
+    reach ``local.forward`` sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
     layout is ``"grouped_mm"``, or ``"auto"`` and ``local.grouped_mm_pays_off(x)`` says so (``GroupedExperts``:
-    CUDA, bfloat16).
+    CUDA, bfloat16); ``local.forward_routed`` is not used, so its overrides (``GroupedExperts``' fused loop)
+    do not apply to them.
 
     Raises:
         ValueError: ``num_experts`` not divisible by the group's world size, ``local`` not holding
