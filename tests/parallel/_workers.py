@@ -266,7 +266,17 @@ def api(rank: int, world_size: int) -> dict:
     load = target.load_state_dict(old_names)
     restored = max(_max_diff(v, source.state_dict()[k]) for k, v in target.state_dict().items())
     target.expert_grad_scale = 0.25
+
+    torch.manual_seed(3)
+    ref = SparseMoE(D, H, num_experts=4, glu=True, act_layer="silu")
+    bf16 = ExpertParallelMoE.from_sparse_moe(ref)
+    x = torch.randn(5 + rank, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 rows through gloo's all-to-all
+        y, y_ref = bf16(x), ref(x)
+    y.float().sum().backward()
     return {
+        "bf16_dtype": str(y.dtype), "bf16_diff": _max_diff(y.float(), y_ref.float()),
+        "bf16_grad_finite": bool(x.grad is not None and torch.isfinite(x.grad).all()),
         "partial": partial, "partial_untouched": [type(m.experts).__name__ for m in mixed],
         "include_count": count, "include_types": [type(m.experts).__name__ for m in picked],
         "old_names_missing": list(load.missing_keys), "old_names_unexpected": list(load.unexpected_keys),

@@ -180,3 +180,11 @@ def test_expert_grad_scale_can_be_set_and_is_checked(results, rank):
 def test_experts_without_forward_are_refused(results):
     assert results[0]["api"]["forward_routed_only"].startswith(
         "ValueError: experts (ForwardRoutedOnly) must implement forward(rows, counts")
+
+
+@ranks
+def test_bfloat16_autocast_runs_through_the_exchange(results, rank):
+    res = results[rank]["api"]
+    assert res["bf16_dtype"] == "torch.bfloat16"
+    assert res["bf16_diff"] < 1e-2  # bfloat16 rounding of differently grouped GEMMs (about 2e-3 seen)
+    assert res["bf16_grad_finite"]
