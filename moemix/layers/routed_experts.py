@@ -68,13 +68,17 @@ class RoutedExperts(nn.Module):
         """``forward`` on the expert buffer ``rows [R, D]`` -> ``[R, D']``, its row count checked and the
         dropped assignments' outputs replaced by zeros (a subclass whose ``forward`` leaves zeros there may
         skip that)."""
-        out_rows = self(rows, plan.counts, plan.capacity, plan.offsets)
-        if out_rows.dim() != 2 or out_rows.shape[0] != rows.shape[0]:
-            raise ValueError(f"{type(self).__name__}.forward must return [rows, out_features] = "
-                             f"[{rows.shape[0]}, {self.out_features}], got {tuple(out_rows.shape)}")
+        out_rows = self.check_output_rows(self(rows, plan.counts, plan.capacity, plan.offsets), rows)
         if plan.num_dropped:  # whatever forward left in the dropped rows, they add nothing
             routed = rows.shape[0] - plan.num_dropped
             out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
+        return out_rows
+
+    def check_output_rows(self, out_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``out_rows`` if ``forward`` returned one row per row of ``rows`` (2-D), else ``ValueError``."""
+        if out_rows.dim() != 2 or out_rows.shape[0] != rows.shape[0]:
+            raise ValueError(f"{type(self).__name__}.forward must return [rows, out_features] = "
+                             f"[{rows.shape[0]}, {self.out_features}], got {tuple(out_rows.shape)}")
         return out_rows
 
     def select_experts(self, start: int, stop: int) -> "RoutedExperts":

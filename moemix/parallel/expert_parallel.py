@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moemix.layers.sparse_moe import SparseMoE
-from moemix.parallel.sharded_experts import ShardedExperts, group_rank_and_size
+from moemix.parallel.sharded_experts import ShardedExperts, check_expert_grad_scale, group_rank_and_size
 
 __all__ = ["ExpertParallelMoE"]
 
@@ -71,8 +71,8 @@ class ExpertParallelMoE(SparseMoE):
         **kwargs,
     ):
         group_rank_and_size(group, num_experts)  # fail before allocating the full layer
-        if not (expert_grad_scale is None or expert_grad_scale > 0):
-            raise ValueError(f"expert_grad_scale must be > 0 or None, got {expert_grad_scale!r}")
+        if expert_grad_scale is not None:
+            check_expert_grad_scale(expert_grad_scale)
         super().__init__(in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop, use_conv,
                          num_experts=num_experts, **kwargs)
         self.experts = ShardedExperts.from_experts(self.experts, group, expert_grad_scale=expert_grad_scale)

@@ -29,7 +29,7 @@ from moemix.layers.router import RoutingDecision
 from moemix.parallel._grad import permute_rows, regroup_permutation, scale_grad
 from moemix.parallel.all_to_all import all_to_all, exchange_counts
 
-__all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size"]
+__all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size", "check_expert_grad_scale"]
 
 
 def _check_unsharded(name: str, experts: nn.Module) -> None:
@@ -49,6 +49,14 @@ class ShardedPlan(DispatchPlan):
     ``F.grouped_mm`` (their slice ends then come from the exchanged counts)."""
 
     local_grouped_mm: bool = False
+
+
+def check_expert_grad_scale(value: float) -> float:
+    """``value`` as a float if it is a number > 0, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"expert_grad_scale must be a number > 0 (None at construction: 1 / world size), "
+                         f"got {value!r}")
+    return float(value)
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup], num_experts: int) -> Tuple[int, int]:
@@ -132,10 +140,7 @@ class ShardedExperts(RoutedExperts):
 
     @expert_grad_scale.setter
     def expert_grad_scale(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"expert_grad_scale must be a number > 0 (None at construction: 1 / world size), "
-                             f"got {value!r}")
-        self._expert_grad_scale = float(value)
+        self._expert_grad_scale = check_expert_grad_scale(value)
 
     @property
     def num_local_experts(self) -> int:
@@ -195,10 +200,8 @@ class ShardedExperts(RoutedExperts):
         # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
         # gradient flowing back to the tokens.
         s = self.expert_grad_scale
-        y_recv = self.local(scale_grad(x_recv, 1.0 / s), local_counts, None, offsets)
-        if y_recv.dim() != 2 or y_recv.shape[0] != x_recv.shape[0]:
-            raise ValueError(f"{type(self.local).__name__}.forward must return [rows, out_features] = "
-                             f"[{x_recv.shape[0]}, {self.out_features}], got {tuple(y_recv.shape)}")
+        y_recv = self.local.check_output_rows(self.local(scale_grad(x_recv, 1.0 / s), local_counts, None, offsets),
+                                              x_recv)
         y_recv = scale_grad(y_recv, s)
         if regroup:
             y_recv = permute_rows(y_recv, inverse, index)
