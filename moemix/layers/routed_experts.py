@@ -74,10 +74,10 @@ class RoutedExperts(nn.Module):
             out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
         return out_rows
 
-    def check_output_rows(self, out_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``out_rows`` if ``forward`` returned one row per row of ``rows`` (2-D), else ``ValueError``."""
+    def check_output_rows(self, out_rows: torch.Tensor, rows: torch.Tensor, method: str = "forward") -> torch.Tensor:
+        """``out_rows`` if ``method`` returned one row per row of ``rows`` (2-D), else ``ValueError``."""
         if out_rows.dim() != 2 or out_rows.shape[0] != rows.shape[0]:
-            raise ValueError(f"{type(self).__name__}.forward must return [rows, out_features] = "
+            raise ValueError(f"{type(self).__name__}.{method} must return [rows, out_features] = "
                              f"[{rows.shape[0]}, {self.out_features}], got {tuple(out_rows.shape)}")
         return out_rows
 

@@ -7,8 +7,9 @@ layer (replicated); a forward pass of the routed tokens:
     x [T, D] --plan_dispatch, dispatch_tokens--> rows sorted by global expert [N, D]
       --exchange_counts--> rows each rank will send me, per local expert   (one host sync)
       --all_to_all--> received rows [M, D], ordered (source rank, local expert)
-      --regroup (gather)--> ordered (local expert, source rank) --local experts--> [M, D']
-      --inverse gather, all_to_all back--> [N, D'] --combine_tokens--> y [T, D']
+      --local.plan_routing, local.forward_routed--> [M, D']   (each row a token routed to one local expert
+                                                               with weight 1; the local plan's host sync)
+      --all_to_all back--> [N, D'] --combine_tokens--> y [T, D']
 
 References: Lepikhin et al. 2020 (GShard, all-to-all expert parallelism); Gale et al. 2022 (megablocks:
 counts first, then a variable-size ``all_to_all_single``, dropless).
@@ -26,7 +27,7 @@ from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens
 from moemix.layers.moe_layer import MoELayer
 from moemix.layers.routed_experts import RoutedExperts
 from moemix.layers.router import RoutingDecision
-from moemix.parallel._grad import permute_rows, regroup_permutation, scale_grad
+from moemix.parallel._grad import scale_grad
 from moemix.parallel.all_to_all import all_to_all, exchange_counts
 
 __all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size", "check_expert_grad_scale"]
@@ -36,19 +37,29 @@ def _check_unsharded(name: str, experts: nn.Module) -> None:
     if isinstance(experts, ShardedExperts):
         raise ValueError(f"{name} are sharded already")
     if not isinstance(experts, RoutedExperts):
-        raise ValueError(f"{name} must be a RoutedExperts subclass (it has select_experts and forward on the expert "
-                         f"buffer), got {type(experts).__name__}")
-    if type(experts).forward is RoutedExperts.forward:
-        raise ValueError(f"{name} ({type(experts).__name__}) must implement forward(rows, counts, capacity=None, "
-                         "offsets=None): sharded experts run the received rows through it")
+        raise ValueError(f"{name} must be a RoutedExperts subclass (it has select_experts and forward_routed), "
+                         f"got {type(experts).__name__}")
 
 
 @dataclasses.dataclass
 class ShardedPlan(DispatchPlan):
-    """The sorted plan over all experts, and whether the local experts run the received rows in
-    ``F.grouped_mm`` (their slice ends then come from the exchanged counts)."""
+    """The sorted plan over all experts, and the layout the local experts plan the received rows in."""
 
-    local_grouped_mm: bool = False
+    local_layout: str = "auto"
+
+
+def _received_rows_decision(recv_counts: torch.Tensor, num_local: int, rows: int) -> RoutingDecision:
+    """The received rows as tokens routed to one local expert each, with weight 1.
+
+    ``recv_counts [W * L]`` holds at ``r * L + l`` the rows rank ``r`` sent for local expert ``l``; the
+    ``rows`` received rows arrive in that order. Returns a decision with ``k = 1``: ``indices [rows, 1]``
+    the local expert of each row, ``weights`` ones, ``probs`` one-hot and ``logits`` their log.
+    """
+    world = recv_counts.numel() // num_local
+    expert_of_block = torch.arange(num_local, device=recv_counts.device).repeat(world)
+    indices = torch.repeat_interleave(expert_of_block, recv_counts, output_size=rows).unsqueeze(1)
+    probs = torch.zeros(rows, num_local, device=recv_counts.device).scatter_(1, indices, 1.0)
+    return RoutingDecision(logits=probs.log(), probs=probs, weights=probs.new_ones(rows, 1), indices=indices)
 
 
 def check_expert_grad_scale(value: float) -> float:
@@ -96,11 +107,12 @@ class ShardedExperts(RoutedExperts):
     Attributes (after each forward):
         local_tokens_per_expert: ``[E / W]`` rows this rank's experts processed, from all ranks.
 
-    The tokens travel in the sorted layout whatever the layer's ``dispatch_layout`` says. The received rows
-    reach ``local.forward`` sorted by local expert, with ``offsets`` (``F.grouped_mm`` slice ends) when the
-    layout is ``"grouped_mm"``, or ``"auto"`` and ``local.grouped_mm_pays_off(x)`` says so (``GroupedExperts``:
-    CUDA, bfloat16); ``local.forward_routed`` is not used, so its overrides (``GroupedExperts``' fused loop)
-    do not apply to them.
+    The tokens travel between ranks sorted by expert whatever the layer's ``dispatch_layout`` says. The
+    received rows are tokens routed to one local expert each with weight 1 (a :class:`RoutingDecision` with
+    ``k = 1``, one-hot ``probs``): ``local.plan_routing`` plans them in the layer's ``dispatch_layout`` and ``local.forward_routed`` runs
+    them, so the local experts take the same paths as in a single process (``GroupedExperts``: its
+    ``"auto"`` rule, fused CPU loop, padded batches, ``F.grouped_mm``), and experts that implement only
+    ``forward_routed`` shard as well.
 
     Raises:
         ValueError: ``num_experts`` not divisible by the group's world size, ``local`` not holding
@@ -163,48 +175,37 @@ class ShardedExperts(RoutedExperts):
         """The sorted plan over all ``E`` experts (each destination rank's rows one contiguous block), and
         whether the local experts will run the received rows in ``F.grouped_mm``."""
         plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
-        pays_off = getattr(self.local, "grouped_mm_pays_off", None)
-        grouped_mm = layout == "grouped_mm" or (layout == "auto" and pays_off is not None and pays_off(x))
-        return ShardedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)},
-                           local_grouped_mm=grouped_mm)
+        return ShardedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}, local_layout=layout)
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])``, the experts wherever they live."""
         x_sorted = dispatch_tokens(x, plan)
         routed = x_sorted.shape[0] - plan.num_dropped  # dropped rows trail; they are never sent
         y_routed = self._remote_experts(x_sorted[:routed], plan.tokens_per_expert, plan.counts,
-                                        getattr(plan, "local_grouped_mm", False))
+                                        getattr(plan, "local_layout", "auto"))
         if plan.num_dropped:
             y_routed = torch.cat([y_routed, y_routed.new_zeros(plan.num_dropped, y_routed.shape[-1])])
         return combine_tokens(y_routed, weights, plan)
 
     def _remote_experts(self, x: torch.Tensor, send_counts: torch.Tensor, send_host: List[int],
-                        grouped_mm: bool) -> torch.Tensor:
+                        layout: str) -> torch.Tensor:
         """Rows ``[N, D]`` sorted by global expert -> their expert outputs ``[N, D']``, same order."""
         world, local = self.world_size, self.num_local_experts
-        recv_counts_dev = exchange_counts(send_counts, self.group)
-        recv_host = recv_counts_dev.tolist()  # host sync: split sizes
-        recv_counts = [recv_host[r * local:(r + 1) * local] for r in range(world)]
+        recv_counts = exchange_counts(send_counts, self.group)
+        recv_host = recv_counts.tolist()  # host sync: split sizes
         input_splits = [sum(send_host[r * local:(r + 1) * local]) for r in range(world)]
-        output_splits = [sum(row) for row in recv_counts]
+        output_splits = [sum(recv_host[r * local:(r + 1) * local]) for r in range(world)]
         x_recv = all_to_all(x, output_splits, input_splits, self.group)
-        local_counts = [sum(row[l] for row in recv_counts) for l in range(local)]
-        self.local_tokens_per_expert = torch.tensor(local_counts, device=x.device)
-        regroup = world > 1 and local > 1  # otherwise arrival order is already by local expert
-        if regroup:
-            index, inverse = regroup_permutation(recv_counts, x.device)
-            x_recv = permute_rows(x_recv, index, inverse)
-        # slice ends of the local experts from the exchanged counts, on the device
-        offsets = (torch.cumsum(recv_counts_dev.view(world, local).sum(0), 0, dtype=torch.int32) if grouped_mm
-                   else None)
+        # The received rows, ordered (source rank, local expert), are tokens routed to one local expert each
+        # with weight 1: the local experts plan and run them like a single-process layer's tokens.
+        decision = _received_rows_decision(recv_counts, local, x_recv.shape[0])
+        plan = self.local.plan_routing(x_recv, decision, layout)
+        self.local_tokens_per_expert = plan.tokens_per_expert.detach()
         # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
         # gradient flowing back to the tokens.
         s = self.expert_grad_scale
-        y_recv = self.local.check_output_rows(self.local(scale_grad(x_recv, 1.0 / s), local_counts, None, offsets),
-                                              x_recv)
-        y_recv = scale_grad(y_recv, s)
-        if regroup:
-            y_recv = permute_rows(y_recv, inverse, index)
+        y_recv = self.local.forward_routed(scale_grad(x_recv, 1.0 / s), decision.weights, plan)
+        y_recv = scale_grad(self.local.check_output_rows(y_recv, x_recv, "forward_routed"), s)
         return all_to_all(y_recv, input_splits, output_splits, self.group)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

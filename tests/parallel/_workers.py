@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moemix.layers import GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul
+from moemix.layers import (GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul,
+                           plan_dispatch)
 from moemix.losses import collect_aux_loss
 from moemix.parallel import (ExpertParallelMoE, ShardedExperts, all_to_all, distribute_experts,
                              named_expert_parameters, shard_experts)
@@ -48,6 +49,25 @@ class ScaledLinearExperts(RoutedExperts):
         return grouped_matmul(rows, self.weight, counts, capacity=capacity) * row_scale[:, None]
 
 
+class LoopLinearExperts(ScaledLinearExperts):
+    """The same experts run by a loop of their own: forward_routed only, no forward on an expert buffer."""
+
+    forward = RoutedExperts.forward
+
+    def plan_routing(self, x, decision, layout="auto"):
+        return plan_dispatch(decision.indices, self.num_experts, decision.kept, "sorted")
+
+    def forward_routed(self, x, weights, plan):
+        y, start, flat_weights = x.new_zeros(x.shape[0], self.out_features), 0, weights.reshape(-1)
+        for e, count in enumerate(plan.counts):  # dropped assignments trail the counted ones
+            assignment = plan.order[start:start + count]
+            start += count
+            token = torch.div(assignment, plan.k, rounding_mode="floor")
+            out = x[token] @ self.weight[e] * self.scale[e]
+            y = y.index_add(0, token, out * flat_weights[assignment, None].to(out.dtype))
+        return y
+
+
 def own_parts_layer(num_experts=4, out_features=6, capacity_factor=None):
     """An MoELayer from one's own router and experts, with a gated shared expert."""
     return MoELayer(TanhRouter(D, num_experts, k=2, capacity_factor=capacity_factor),
@@ -77,6 +97,13 @@ CASES = {
     # layers that are not SparseMoE, sharded in place by shard_experts
     "own_router_and_experts": dict(build=own_parts_layer, shapes=((9,), (6,))),
     "own_parts_capacity": dict(build=lambda: own_parts_layer(capacity_factor=0.75), shapes=((8,), (5,))),
+    "forward_routed_only_experts": dict(
+        build=lambda: MoELayer(TanhRouter(D, 4, k=2, capacity_factor=0.75), LoopLinearExperts(4, D, 6)),
+        shapes=((8,), (5,))),
+    # the local experts run the received rows in the layout the layer asks for
+    "fused_loop_layout": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", dispatch_layout="loop"),
+                              shapes=((9,), (6,))),
+    "padded_layout": dict(kwargs=dict(num_experts=8, k=2, dispatch_layout="padded"), shapes=((6,), (9,))),
     "moe_layer_grouped_experts": dict(
         build=lambda: MoELayer(TopKRouter(D, 8, k=2), GroupedExperts(8, D, H, act_layer="silu", glu=True)),
         shapes=((5, 2), (3,))),
@@ -115,6 +142,15 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
         ep = ExpertParallelMoE.from_sparse_moe(ref, expert_grad_scale=scale)
     else:
         ep = shard_experts(copy.deepcopy(ref), expert_grad_scale=scale)
+    local_layouts = []  # the layouts the local experts planned the received rows in
+    plan_received = ep.experts.local.plan_routing
+
+    def recording_plan(*args):
+        plan = plan_received(*args)
+        local_layouts.append(plan.layout)
+        return plan
+
+    ep.experts.local.plan_routing = recording_plan
     xs, grads = _make_data(case["shapes"][:world_size], ref.out_features, case.get("skew"))
     xs, grads = [t.to(device) for t in xs], [t.to(device) for t in grads]
 
@@ -153,7 +189,7 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
         "replicated_grad": replicated_err, "expert_grad": expert_err,
         "tokens_per_expert": ep.tokens_per_expert.tolist(), "tokens_per_expert_ref": tpe_ref.tolist(),
         "dropped": (ep.dropped_tokens, dropped_ref), "buffers": buffer_err, "type": type(ep).__name__,
-        "local_tokens_per_expert": ep.experts.local_tokens_per_expert.tolist(),
+        "local_tokens_per_expert": ep.experts.local_tokens_per_expert.tolist(), "local_layouts": local_layouts,
         "expert_grad_norm": sum(p.grad.abs().sum().item() for n, p in ep.named_parameters() if n in expert_names),
     }
 
@@ -241,15 +277,6 @@ def errors(rank: int, world_size: int) -> dict:
     }
 
 
-class ForwardRoutedOnly(ScaledLinearExperts):
-    """Experts that override forward_routed but leave forward unimplemented."""
-
-    forward = RoutedExperts.forward
-
-    def forward_routed(self, x, weights, plan):
-        return x.new_zeros(x.shape[0], self.out_features)
-
-
 def api(rank: int, world_size: int) -> dict:
     """distribute_experts's all-or-nothing and include, old checkpoint names, the grad-scale setter."""
     torch.manual_seed(0)
@@ -282,8 +309,6 @@ def api(rank: int, world_size: int) -> dict:
         "old_names_missing": list(load.missing_keys), "old_names_unexpected": list(load.unexpected_keys),
         "old_names_restored": restored, "set_scale": target.experts.expert_grad_scale,
         "bad_scale": _message(lambda: setattr(target, "expert_grad_scale", 0.0)),
-        "forward_routed_only": _message(lambda: shard_experts(MoELayer(TopKRouter(D, 4, 2),
-                                                                       ForwardRoutedOnly(4, D, D)))),
     }
 
 

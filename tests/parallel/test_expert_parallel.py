@@ -89,14 +89,23 @@ def test_empty_rank_case_has_no_tokens_on_rank_1(results):
     assert sum(results[1]["empty_rank"]["local_tokens_per_expert"]) > 0  # it still serves rank 0
 
 
-@pytest.mark.parametrize("case", ["glu_shared_capacity", "own_parts_capacity"])
+@pytest.mark.parametrize("case", ["glu_shared_capacity", "own_parts_capacity", "forward_routed_only_experts"])
 def test_capacity_case_drops_tokens(results, case):
     assert all(results[r][case]["dropped"][0] > 0 for r in range(WORLD_SIZE))
 
 
+@pytest.mark.parametrize("case, layout", [("fused_loop_layout", "loop"), ("padded_layout", "padded"),
+                                          ("grouped_mm_experts", "grouped_mm"),
+                                          ("forward_routed_only_experts", "sorted")])
+@ranks
+def test_local_experts_run_the_received_rows_in_the_layers_layout(results, case, layout, rank):
+    assert results[rank][case]["local_layouts"] == [layout]
+
+
 @ranks
 def test_own_layers_keep_their_class_and_slice_their_buffers(results, rank):
-    for case in ("own_router_and_experts", "own_parts_capacity", "moe_layer_grouped_experts"):
+    for case in ("own_router_and_experts", "own_parts_capacity", "forward_routed_only_experts",
+                 "moe_layer_grouped_experts"):
         assert results[rank][case]["type"] == "MoELayer"
         assert results[rank][case]["buffers"] == 0.0
     assert results[rank]["uneven_tokens"]["type"] == "ExpertParallelMoE"
@@ -175,11 +184,6 @@ def test_expert_grad_scale_can_be_set_and_is_checked(results, rank):
     res = results[rank]["api"]
     assert res["set_scale"] == 0.25
     assert res["bad_scale"].startswith("ValueError: expert_grad_scale must be a number > 0")
-
-
-def test_experts_without_forward_are_refused(results):
-    assert results[0]["api"]["forward_routed_only"].startswith(
-        "ValueError: experts (ForwardRoutedOnly) must implement forward(rows, counts")
 
 
 @ranks
