@@ -34,9 +34,9 @@ class ExpertParallelMoE(SparseMoE):
 
     Args:
         in_features ... shared_hidden_features: as :class:`~moemix.layers.SparseMoE` (all its keywords
-            are accepted). Tokens travel in the sorted layout whatever ``dispatch_layout`` says; the local
-            experts run it through ``F.grouped_mm`` with ``"grouped_mm"``, or with ``"auto"`` where
-            :class:`~moemix.layers.SparseMoE` would (CUDA, bfloat16), else one GEMM per expert slice.
+            are accepted). Tokens travel between ranks sorted by expert whatever ``dispatch_layout`` says;
+            the local experts run the rows they receive in ``dispatch_layout`` (``"auto"``: the layout
+            :class:`~moemix.layers.SparseMoE` would take for them).
         group: process group the experts are sharded over. Defaults to the default (world) group.
         expert_grad_scale: factor applied to the gradients of the local expert parameters. The local
             experts receive the *sum* over ranks of the gradients of each rank's loss, while DDP *averages*

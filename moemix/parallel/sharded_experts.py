@@ -27,7 +27,7 @@ from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens
 from moemix.layers.moe_layer import MoELayer
 from moemix.layers.routed_experts import RoutedExperts
 from moemix.layers.router import RoutingDecision
-from moemix.parallel._grad import scale_grad
+from moemix.parallel._grad import scale_grad, tie_to_graph
 from moemix.parallel.all_to_all import all_to_all, exchange_counts
 
 __all__ = ["ShardedExperts", "shard_experts", "group_rank_and_size", "check_expert_grad_scale"]
@@ -173,7 +173,7 @@ class ShardedExperts(RoutedExperts):
 
     def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> ShardedPlan:
         """The sorted plan over all ``E`` experts (each destination rank's rows one contiguous block), and
-        whether the local experts will run the received rows in ``F.grouped_mm``."""
+        ``layout``, which the local experts plan the received rows in."""
         plan = plan_dispatch(decision.indices, self.num_experts, decision.kept, layout="sorted")
         return ShardedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}, local_layout=layout)
 
@@ -204,8 +204,12 @@ class ShardedExperts(RoutedExperts):
         # Scale the expert parameter gradients only: the inner scale_grad undoes the outer one for the
         # gradient flowing back to the tokens.
         s = self.expert_grad_scale
-        y_recv = self.local.forward_routed(scale_grad(x_recv, 1.0 / s), decision.weights, plan)
-        y_recv = scale_grad(self.local.check_output_rows(y_recv, x_recv, "forward_routed"), s)
+        x_in = scale_grad(x_recv, 1.0 / s)
+        y_recv = self.local.check_output_rows(self.local.forward_routed(x_in, decision.weights, plan), x_recv,
+                                              "forward_routed")
+        if x_recv.shape[0] == 0:  # whatever the experts did with no rows, the backward joins the exchanges
+            y_recv = tie_to_graph(y_recv, [x_in, *self.local.parameters()])
+        y_recv = scale_grad(y_recv, s)
         return all_to_all(y_recv, input_splits, output_splits, self.group)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

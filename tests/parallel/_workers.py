@@ -50,7 +50,8 @@ class ScaledLinearExperts(RoutedExperts):
 
 
 class LoopLinearExperts(ScaledLinearExperts):
-    """The same experts run by a loop of their own: forward_routed only, no forward on an expert buffer."""
+    """The same experts run by a loop of their own: forward_routed only, no forward on an expert buffer. Experts
+    without rows are skipped, so for no rows at all the output has no gradient path."""
 
     forward = RoutedExperts.forward
 
@@ -60,6 +61,8 @@ class LoopLinearExperts(ScaledLinearExperts):
     def forward_routed(self, x, weights, plan):
         y, start, flat_weights = x.new_zeros(x.shape[0], self.out_features), 0, weights.reshape(-1)
         for e, count in enumerate(plan.counts):  # dropped assignments trail the counted ones
+            if count == 0:
+                continue
             assignment = plan.order[start:start + count]
             start += count
             token = torch.div(assignment, plan.k, rounding_mode="floor")
@@ -100,6 +103,13 @@ CASES = {
     "forward_routed_only_experts": dict(
         build=lambda: MoELayer(TanhRouter(D, 4, k=2, capacity_factor=0.75), LoopLinearExperts(4, D, 6)),
         shapes=((8,), (5,))),
+    # rank 1's experts receive no rows and return an output without a gradient path: its backward must
+    # still join the exchanges (through the received rows, or through the expert parameters)
+    "idle_rank_own_loop": dict(build=lambda: MoELayer(TopKRouter(D, 4, k=2), LoopLinearExperts(4, D, 6)),
+                               shapes=((5,), (4,)), skew="all"),
+    "idle_rank_own_loop_input_without_grad": dict(
+        build=lambda: MoELayer(TopKRouter(D, 4, k=2), LoopLinearExperts(4, D, 6)), shapes=((5,), (4,)), skew="all",
+        input_requires_grad=False),
     # the local experts run the received rows in the layout the layer asks for
     "fused_loop_layout": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", dispatch_layout="loop"),
                               shapes=((9,), (6,))),
@@ -154,7 +164,7 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
     xs, grads = _make_data(case["shapes"][:world_size], ref.out_features, case.get("skew"))
     xs, grads = [t.to(device) for t in xs], [t.to(device) for t in grads]
 
-    x = xs[rank].clone().requires_grad_()
+    x = xs[rank].clone().requires_grad_(case.get("input_requires_grad", True))
     y = ep(x)
     ((y * grads[rank]).sum() + ep.aux_loss).backward()
     expert_names = {name for name, _ in named_expert_parameters(ep)}
@@ -163,7 +173,7 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
             dist.all_reduce(param.grad)
             param.grad /= world_size
 
-    x_refs = [xr.clone().requires_grad_() for xr in xs]
+    x_refs = [xr.clone().requires_grad_(x.requires_grad) for xr in xs]
     total = 0.0
     for r, (xr, g) in enumerate(zip(x_refs, grads)):
         yr = ref(xr)
@@ -178,6 +188,8 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
     local = ep.experts.local_expert_range
     expert_err = max(_max_diff(p.grad, scale * ref_params[full_name(n)].grad[local.start:local.stop])
                      for n, p in ep.named_parameters() if n in expert_names)
+    # like the single-process layer's experts without tokens, idle local experts get zero gradients, not None
+    expert_grad_is_none = [n for n, p in ep.named_parameters() if n in expert_names and p.grad is None]
     replicated_err = max(_max_diff(p.grad, None if ref_params[n].grad is None else ref_params[n].grad / world_size)
                          for n, p in ep.named_parameters() if n not in expert_names)
     buffers = {full_name(n): b for n, b in ep.named_buffers()}
@@ -188,7 +200,7 @@ def run_case(rank: int, world_size: int, case: dict, device: str = "cpu") -> dic
         "input_grad": _max_diff(x.grad, x_refs[rank].grad), "aux_loss": _max_diff(ep.aux_loss.detach(), aux_ref),
         "replicated_grad": replicated_err, "expert_grad": expert_err,
         "tokens_per_expert": ep.tokens_per_expert.tolist(), "tokens_per_expert_ref": tpe_ref.tolist(),
-        "dropped": (ep.dropped_tokens, dropped_ref), "buffers": buffer_err, "type": type(ep).__name__,
+        "dropped": (ep.dropped_tokens, dropped_ref), "expert_grad_is_none": expert_grad_is_none, "buffers": buffer_err, "type": type(ep).__name__,
         "local_tokens_per_expert": ep.experts.local_tokens_per_expert.tolist(), "local_layouts": local_layouts,
         "expert_grad_norm": sum(p.grad.abs().sum().item() for n, p in ep.named_parameters() if n in expert_names),
     }

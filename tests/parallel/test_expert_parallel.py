@@ -53,6 +53,7 @@ def test_replicated_gradient_after_ddp_average_equals_mean_loss_gradient(results
 def test_local_expert_gradient_equals_scaled_single_process_slice(results, case, rank):
     res = results[rank][case]
     assert res["expert_grad"] < TOL
+    assert res["expert_grad_is_none"] == []
     if sum(res["local_tokens_per_expert"]):
         assert res["expert_grad_norm"] > 0  # the comparison is not vacuous
 
@@ -80,8 +81,9 @@ def test_skewed_case_sends_no_tokens_to_the_other_rank(results):
     assert results[0]["skewed_routing"]["tokens_per_expert"][2:] == [0, 0]
 
 
-def test_idle_rank_case_gives_rank_1_no_rows(results):
-    assert results[1]["idle_rank"]["local_tokens_per_expert"] == [0, 0]
+@pytest.mark.parametrize("case", ["idle_rank", "idle_rank_own_loop", "idle_rank_own_loop_input_without_grad"])
+def test_idle_rank_case_gives_rank_1_no_rows(results, case):
+    assert results[1][case]["local_tokens_per_expert"] == [0, 0]
 
 
 def test_empty_rank_case_has_no_tokens_on_rank_1(results):
