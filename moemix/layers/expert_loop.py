@@ -37,7 +37,8 @@ from moemix.layers.expert_workers import plan_expert_groups, run_expert_groups
 from moemix.layers.grouped_gemm import autocast_dtype
 from moemix.layers.recycled_buffers import RecycledBuffer, take_or_empty
 
-__all__ = ["fused_expert_mlp", "fused_loop_supports", "expert_chunks", "CHUNK_MAX_ELEMENTS"]
+__all__ = ["fused_expert_mlp", "fused_loop_supports", "saved_tensor_hooks_active", "expert_chunks",
+           "CHUNK_MAX_ELEMENTS"]
 
 
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: Optional[torch.Tensor],
@@ -272,6 +273,14 @@ def fused_loop_supports(act: nn.Module) -> bool:
     """Whether the fused loop can run ``act``: it needs a closed-form derivative (built-in, parameter-free,
     deterministic activations); any other module runs through a buffer layout and plain autograd."""
     return activation_backward(act) is not None
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``: ``save_on_cpu``,
+    non-reentrant activation checkpointing). The fused loop keeps its activations on its autograd node, out
+    of their reach, so the experts run a buffer layout with plain autograd while they are."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: List[int], k: int,

@@ -11,7 +11,7 @@ from moemix.layers._validate import as_pair, check_last_dim, check_positive_int,
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.cpu_gemm import cpu_gemm
 from moemix.layers.dispatch import DispatchPlan, plan_dispatch
-from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports
+from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports, saved_tensor_hooks_active
 from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
 from moemix.layers.layout_rule import grouped_mm_pays_off
 from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
@@ -167,13 +167,14 @@ class GroupedExperts(RoutedExperts):
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.
 
-        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training or
-        an activation without a closed-form derivative, see
-        :func:`~moemix.layers.expert_loop.fused_loop_supports`), else dispatch into the expert buffer,
-        :meth:`forward`, combine.
+        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training, an
+        activation without a closed-form derivative, see :func:`~moemix.layers.expert_loop.fused_loop_supports`,
+        or while saved-tensor hooks are set, see :func:`~moemix.layers.expert_loop.saved_tensor_hooks_active`),
+        else dispatch into the expert buffer, :meth:`forward`, combine.
         """
         dropout = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
-        if plan.layout == "loop" and fused_loop_supports(self.act) and not dropout:
+        if (plan.layout == "loop" and fused_loop_supports(self.act) and not dropout
+                and not (torch.is_grad_enabled() and saved_tensor_hooks_active())):
             return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
                                     self.act, self.glu, self._grad_buffers, self._workspace)
         return super().forward_routed(x, weights, plan)

@@ -224,6 +224,31 @@ def test_second_backward_with_retain_graph_on_buffer_layouts(layout):
     torch.testing.assert_close(x.grad, 2 * first)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_loop_layout_leaves_saved_tensors_to_saved_tensor_hooks(glu):
+    """Under saved-tensor hooks (activation checkpointing, save_on_cpu) the "loop" layout saves what the sorted
+    layout saves, through autograd, so the hooks see every activation; results are unchanged."""
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout="loop").double()
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    want_out = moe(x)
+    want = torch.autograd.grad(want_out.sum(), [x, moe.experts.w1])
+
+    def packed_elements(layout):
+        moe.dispatch_layout = layout
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.numel()) or t, lambda t: t):
+            out = moe(x)
+        return out, sum(seen)
+
+    out, loop_elements = packed_elements("loop")
+    _, sorted_elements = packed_elements("sorted")
+    assert loop_elements == sorted_elements
+    torch.testing.assert_close(out, want_out)
+    checkpointed = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
+    torch.testing.assert_close(torch.autograd.grad(checkpointed.sum(), [x, moe.experts.w1]), want)
+
+
 def test_state_dict_round_trip():
     a = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
     b = SparseMoE(16, 8, num_experts=4, shared_expert="gated", score="cosine")
