@@ -92,7 +92,10 @@ def replace_mlp_with_moe(
         blocks: block indices (timm layout).
         every: MoE every n-th block (timm layout). Defaults to 2 when neither blocks nor pattern is given.
         copy_weights: copy the dense weights into every expert ("upcycling"; Komatsuzaki et al. 2023).
-            With identical experts the layer initially equals the dense FFN. Defaults to False.
+            The layer then equals the dense FFN as long as each token's ``k`` weights sum to 1 (softmax
+            scores renormalised, the default for ``k > 1``), nothing is dropped (no ``capacity_factor``) and
+            there is no shared expert; with ``k = 1`` (weight = top probability, Switch) each token's output
+            is the dense one times that probability. Defaults to False.
         **moe_kwargs: forwarded to :class:`SparseMoE` (``num_experts``, ``k``, ``aux_loss_coef``, ...).
 
     Returns:
@@ -111,7 +114,8 @@ def replace_mlp_with_moe(
             fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
         except ValueError as err:
             raise ValueError(f"cannot convert {name!r}: {err}") from None
-        kwargs = dict(act_layer=act, bias=(fc1.bias is not None, fc2.bias is not None),
+        first_bias = any(layer is not None and layer.bias is not None for layer in (fc1, fc1_up))
+        kwargs = dict(act_layer=act, bias=(first_bias, fc2.bias is not None),
                       drop=drop, glu=fc1_up is not None)
         kwargs.update(moe_kwargs)
         moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **kwargs,

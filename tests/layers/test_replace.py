@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from timm.layers import Mlp
 from torch import nn
 
 from moemix.layers import SparseMoE, replace_mlp_with_moe
@@ -37,6 +38,29 @@ def test_swiglu_mlp_is_converted_as_glu_experts():
     replace_mlp_with_moe(model, pattern=["1"], num_experts=3, copy_weights=True)
     assert model[1].experts.glu
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_with_a_bias_on_the_up_projection_only_keeps_it():
+    from timm.layers import SwiGLU
+    torch.manual_seed(0)
+    model = nn.Sequential(SwiGLU(8, 16))
+    model[0].fc1_g.bias = None
+    x = torch.randn(5, 8)
+    before = model(x)
+    replace_mlp_with_moe(model, pattern=["0"], num_experts=3, copy_weights=True)
+    assert model[0].experts.b1 is not None
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("moe_kwargs, equal", [(dict(k=2), True), (dict(k=1), False),
+                                               (dict(k=2, capacity_factor=0.25), False)])
+def test_copied_weights_equal_the_dense_ffn_only_when_the_weights_sum_to_one_and_nothing_drops(moe_kwargs, equal):
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(8, 16))
+    x = torch.randn(12, 8)
+    before = model(x)
+    replace_mlp_with_moe(model, pattern=["0"], num_experts=4, copy_weights=True, **moe_kwargs)
+    assert torch.allclose(model(x), before, atol=1e-5) == equal
 
 
 def test_pattern_list_matches_suffix_and_warns_on_unmatched():
