@@ -36,8 +36,9 @@ class RoutingDecision:
     """What a router decided for ``T`` tokens, ``E`` experts, top-``k``.
 
     Attributes:
-        logits: ``[T, E]`` float32 gate logits (after noise, before the score function).
-        probs: ``[T, E]`` float32 scores over all experts (softmax / sigmoid of ``logits``).
+        logits: ``[T, E]`` float32 gate logits (after noise, before the score function); float64 for float64
+            tokens.
+        probs: ``[T, E]`` scores over all experts (softmax / sigmoid of ``logits``), in ``logits``' dtype.
         weights: ``[T, k]`` combine weights of the chosen experts (zero where dropped).
         indices: ``[T, k]`` int64 expert ids, sorted by descending score per token.
         kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
@@ -77,7 +78,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
 
 
 class TopKRouter(nn.Module):
-    """Linear top-k gate computed in float32.
+    """Linear top-k gate computed in float32 (in float64 for float64 tokens, e.g. for ``gradcheck``).
 
     ``logits = x @ W^T`` (no bias), optional noise, a score function over experts, top-k selection,
     optional renormalisation of the k weights, and optionally a capacity limit that drops the
@@ -184,20 +185,23 @@ class TopKRouter(nn.Module):
                 f"noise={self.noise!r}, renormalize={self.renormalize}{cf}")
 
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate without noise: float32 ``x [T, D]`` -> ``[T, E]`` logits. Override it to score experts
+        """The gate without noise: ``x [T, D]`` in float32 (float64 for float64 tokens) -> ``[T, E]`` logits in
+        ``x``'s dtype. Override it to score experts
         another way; noise, the score function, top-k and capacity stay this class's. (The gate's
         ``weight`` is then unused unless the override uses it: freeze it, ``weight.requires_grad_(False)``,
         so that e.g. DDP does not wait for its gradient.)"""
+        dtype = x.dtype
         if self.score == "cosine":
-            h = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1)
-            w = F.normalize(self.weight.float(), dim=-1)
-            scale = self.log_inv_temperature.float().clamp(max=math.log(100.0)).exp()
+            h = F.normalize(F.linear(x, self.proj.weight.to(dtype)), dim=-1)
+            w = F.normalize(self.weight.to(dtype), dim=-1)
+            scale = self.log_inv_temperature.to(dtype).clamp(max=math.log(100.0)).exp()
             return F.linear(h, w) * scale
-        return F.linear(x, self.weight.float())
+        return F.linear(x, self.weight.to(dtype))
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, D]`` -> ``[T, E]`` float32 logits (:meth:`gate_logits`), noise included when training."""
-        x = x.float()
+        """``[T, D]`` -> ``[T, E]`` logits (:meth:`gate_logits`) in float32, or float64 for float64 tokens, noise
+        included when training."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training and self.noise == "jitter" and self.noise_eps > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.noise_eps, 1 + self.noise_eps)
         logits = self.gate_logits(x)
