@@ -67,7 +67,8 @@ class MoELayer(nn.Module):
     the ``[..., D]`` shape handling, the optional shared expert, and after each forward ``aux_loss``
     (weighted auxiliary loss, a scalar with gradient, summed over a model by
     :func:`moemix.losses.collect_aux_loss`), ``aux_losses`` (its detached named parts),
-    ``tokens_per_expert`` (``[E]``) and ``dropped_tokens``. :class:`~moemix.layers.SparseMoE` is this layer
+    ``tokens_per_expert`` (``[E]``, assignments per expert) and ``dropped_tokens`` (assignments over capacity:
+    token-expert pairs, up to ``T * k``). :class:`~moemix.layers.SparseMoE` is this layer
     with a ``TopKRouter`` and MLP ``GroupedExperts`` built from ``timm.layers.Mlp`` keywords.
 
     Args:

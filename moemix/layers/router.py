@@ -159,6 +159,8 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.capacity_factor = capacity_factor
         dd = {"device": device, "dtype": dtype}
+        if cosine_dim is not None and score != "cosine":
+            raise ValueError(f"cosine_dim applies to score='cosine', got score={score!r}")
         if score == "cosine":
             cosine_dim = in_features if cosine_dim is None else cosine_dim
             check_positive_int("cosine_dim", cosine_dim)
@@ -227,7 +229,12 @@ class TopKRouter(nn.Module):
                 weights = weights / total
         decision = RoutingDecision(logits=logits, probs=probs, weights=weights, indices=indices)
         if self.capacity_factor is not None:
-            apply_capacity(decision, expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor))
+            capacity = expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor)
+            if capacity == 0 and x.shape[0]:
+                warnings.warn(f"capacity_factor={self.capacity_factor} gives every expert a capacity of 0 for "
+                              f"{x.shape[0]} tokens and {self.num_experts} experts (k * int(cf * ceil(T / E))): "
+                              "all assignments are dropped")
+            apply_capacity(decision, capacity)
         return decision
 
 

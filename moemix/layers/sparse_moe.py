@@ -26,7 +26,8 @@ class SparseMoE(MoELayer):
     ``MoELayer`` directly for a router or experts of one's own.
 
     After each forward the module holds ``aux_loss`` (weighted auxiliary loss, a scalar with gradient),
-    ``aux_losses`` (its detached named parts), ``tokens_per_expert`` (``[E]``) and ``dropped_tokens``;
+    ``aux_losses`` (its detached named parts), ``tokens_per_expert`` (``[E]``) and ``dropped_tokens`` (dropped
+    assignments, token-expert pairs: up to ``T * k``);
     :func:`moemix.losses.collect_aux_loss` sums ``aux_loss`` over a model.
 
     References: Shazeer et al. 2017; Lepikhin et al. 2020 (GShard); Fedus et al. 2021 (Switch);

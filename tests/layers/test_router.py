@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -131,6 +132,17 @@ def test_expert_capacity_rejects_bad_arguments(args, name):
         expert_capacity(*args)
 
 
+def test_a_capacity_of_zero_warns_that_every_assignment_is_dropped():
+    router = TopKRouter(8, 4, k=2, capacity_factor=0.3)  # k * int(0.3 * ceil(8 / 4)) = 0
+    with pytest.warns(UserWarning, match="capacity of 0 for 8 tokens and 4 experts"):
+        d = router(torch.randn(8, 8))
+    assert d.num_dropped == 16 and d.capacity == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        router(torch.randn(0, 8))  # no tokens, nothing dropped
+        router(torch.randn(16, 8))  # capacity 2 * int(0.3 * 4) = 2
+
+
 def test_capacity_decision_counts_its_drops_on_demand():
     router = TopKRouter(8, 4, k=2, capacity_factor=0.5)
     d = router(torch.randn(40, 8))
@@ -156,6 +168,8 @@ def test_arguments_that_would_have_no_effect_or_bad_values_raise():
         TopKRouter(8, 4, noise="gumbel", noise_eps=0.1)
     with pytest.raises(ValueError, match="init_std must be >= 0"):
         TopKRouter(8, 4, init_std=-1.0)
+    with pytest.raises(ValueError, match="cosine_dim applies to score='cosine', got score='softmax'"):
+        TopKRouter(8, 4, cosine_dim=3)
     with pytest.raises(ValueError, match="floating-point input"):
         TopKRouter(8, 4)(torch.ones(3, 8, dtype=torch.long))
 
