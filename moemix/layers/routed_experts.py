@@ -31,8 +31,10 @@ class RoutedExperts(nn.Module):
     the router's assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs
     ``forward`` and sums each token's expert outputs with its router weights. A subclass with a faster path
     overrides those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an
-    ``"auto"`` rule that weighs the experts' size). :meth:`select_experts` cuts out a subset of the experts
-    (expert parallelism, :func:`moemix.parallel.shard_experts`).
+    ``"auto"`` rule that weighs the experts' size); one that overrides ``forward_routed`` need not implement
+    ``forward`` at all. :meth:`select_experts` cuts out a subset of the experts (expert parallelism,
+    :func:`moemix.parallel.shard_experts`, which runs the rows a rank receives through ``plan_routing`` and
+    ``forward_routed`` too).
 
     Example (linear experts, one ``[D, D']`` matrix each):
         >>> from moemix.layers import MoELayer, TopKRouter, grouped_matmul
