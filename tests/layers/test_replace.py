@@ -53,7 +53,7 @@ def test_swiglu_with_a_bias_on_the_up_projection_only_keeps_it():
 
 
 @pytest.mark.parametrize("moe_kwargs, equal", [(dict(k=2), True), (dict(k=1), False),
-                                               (dict(k=2, capacity_factor=0.25), False)])
+                                               (dict(k=2, capacity_factor=0.5), False)])
 def test_copied_weights_equal_the_dense_ffn_only_when_the_weights_sum_to_one_and_nothing_drops(moe_kwargs, equal):
     torch.manual_seed(0)
     model = nn.Sequential(Mlp(8, 16))
