@@ -139,6 +139,15 @@ class _SavedSlots:
         return tuple(out)
 
 
+def _chunk_activations(x: torch.Tensor, t_c: torch.Tensor, chunk: _Chunk, w1s: list, b1s: list, act: nn.Module,
+                       hidden: int, glu: bool, library: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's ``x_c = x[t_c]``, ``h_c = x_c @ W1_e + b1_e`` (per expert) and ``act(h_c)`` (``act(gate)`` for
+    GLU), freshly allocated."""
+    x_c = x.index_select(0, t_c)
+    h_c = _stacked([matmul(x_c[i:j], w1s[e], _at(b1s, e), library=library) for e, i, j in chunk.experts])
+    return x_c, h_c, apply_activation(act, h_c[:, :hidden] if glu else h_c)
+
+
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w1, b1, w2, b2, order, counts, k, act, glu, grad_buffers, workspace, keep):
@@ -169,10 +178,7 @@ class _FusedExpertMLP(torch.autograd.Function):
                         matmul(x_c[i:j], w1s[e], _at(b1s, e), out=h_c[i:j], library=library)
                     act_forward(h_c[:, :hidden] if glu else h_c, act_out)
                 else:
-                    x_c = x.index_select(0, t_c)
-                    h_c = _stacked([matmul(x_c[i:j], w1s[e], _at(b1s, e), library=library)
-                                    for e, i, j in chunk.experts])
-                    act_out = apply_activation(act, h_c[:, :hidden] if glu else h_c)
+                    x_c, h_c, act_out = _chunk_activations(x, t_c, chunk, w1s, b1s, act, hidden, glu, library)
                 a_c = act_out * h_c[:, hidden:] if glu else act_out
                 if b2 is None:  # fold the router weight into a_c (a copy when it is the saved act_out)
                     a_c = a_c.mul_(w_c) if glu else a_c * w_c
@@ -188,7 +194,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         out = _sum_into_first(run_expert_groups(run, chunks), lambda: x.new_zeros(x.shape[0], w2.shape[-1]))
         ctx.save_for_backward(x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted)
         ctx.saved_experts = saved if keep else None  # views of one recycled buffer, let go in the backward
-        ctx.chunks, ctx.counts, ctx.glu = chunks, counts, glu
+        ctx.chunks, ctx.counts, ctx.glu, ctx.act = chunks, counts, glu, act
         ctx.act_backward, ctx.grad_buffers, ctx.weights_dtype = activation_backward(act), grad_buffers, weights.dtype
         return out
 
@@ -196,15 +202,12 @@ class _FusedExpertMLP(torch.autograd.Function):
     @first_order_backward
     def backward(ctx, grad_out):
         x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted = ctx.saved_tensors
-        saved = ctx.saved_experts
-        if saved is None:
-            raise RuntimeError("the fused expert loop frees its saved tensors after one backward; "
-                               "backward through it a second time (retain_graph) is not supported")
-        try:
-            return _FusedExpertMLP._backward(ctx, grad_out.contiguous(), saved, x, weights, w1, b1, w2, b2, order,
-                                             tokens_sorted, weights_sorted)
-        finally:
-            ctx.saved_experts = None
+        # The first backward takes the activations the forward kept and lets them go chunk by chunk; a further
+        # backward through the same graph (retain_graph) recomputes each chunk's from the saved inputs.
+        saved = ctx.saved_experts or [None] * sum(len(group) for group in ctx.chunks)
+        ctx.saved_experts = None
+        return _FusedExpertMLP._backward(ctx, grad_out.contiguous(), saved, x, weights, w1, b1, w2, b2, order,
+                                         tokens_sorted, weights_sorted)
 
     @staticmethod
     def _backward(ctx, grad_out, saved, x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted):
@@ -217,7 +220,8 @@ class _FusedExpertMLP(torch.autograd.Function):
         grad_w2 = take_or_empty(buffers[1], w2) if need_w2 else None
         grad_b1 = torch.empty_like(b1) if need_b1 else None
         grad_b2 = torch.empty_like(b2) if need_b2 else None
-        w1s, w2s, b2s = _rows(w1), _rows(w2), _rows(b2)
+        w1s, w2s, b1s, b2s = _rows(w1), _rows(w2), _rows(b1), _rows(b2)
+        forward_library = cpu_gemm(x)
         gw1s, gw2s, gb1s, gb2s = _rows(grad_w1), _rows(grad_w2), _rows(grad_b1), _rows(grad_b2)
         for e, n in enumerate(counts):
             if n == 0:  # experts without tokens get zero gradients
@@ -228,9 +232,10 @@ class _FusedExpertMLP(torch.autograd.Function):
         def run(group: List[_Chunk]) -> Optional[torch.Tensor]:
             grad_x = torch.zeros_like(x) if need_x else None
             for chunk in group:
-                x_c, h_c, act_out = saved[chunk.index]
-                saved[chunk.index] = None  # this chunk's activations are no longer needed
                 t_c, w_c = tokens_sorted[chunk.begin:chunk.end], weights_sorted[chunk.begin:chunk.end]
+                x_c, h_c, act_out = saved[chunk.index] or _chunk_activations(x, t_c, chunk, w1s, b1s, ctx.act,
+                                                                             hidden, glu, forward_library)
+                saved[chunk.index] = None  # this chunk's activations are no longer needed
                 g_c = grad_out.index_select(0, t_c)
                 # gradient of (expert output . g) w.r.t. the activation
                 u_c = _stacked([matmul(g_c[i:j], w2s[e].t(), library=library) for e, i, j in chunk.experts])
@@ -304,8 +309,9 @@ def fused_expert_mlp(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
         workspace: recycled buffer for the activations kept for the backward (CPU); None allocates.
 
     Returns:
-        ``[T, D']``. Backward through it once (its per-expert activations are freed as it goes); nothing
-        is kept for the backward when no gradient is recorded (``no_grad``, inference).
+        ``[T, D']``. Its first backward frees the kept per-expert activations as it goes; a further backward
+        through the same graph (``retain_graph=True``) recomputes them. Nothing is kept for the backward when
+        no gradient is recorded (``no_grad``, inference).
     """
     if not fused_loop_supports(act):
         raise ValueError(f"act must be a built-in activation with a closed-form derivative "

@@ -85,11 +85,9 @@ class MoELayer(nn.Module):
         shared_gate: ``[T, D] -> [T, 1]`` gate of the shared expert (e.g. ``nn.Linear(D, 1, bias=False)``).
         dispatch_layout: ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``, handed to
             ``experts.plan_routing`` (see :mod:`moemix.layers.dispatch`); only speed depends on it, except
-            that ``"padded"`` and ``"grouped_mm"`` refuse dropped assignments (a router with a capacity),
-            ``"grouped_mm"`` needs experts that can run it (``GroupedExperts``: 16-byte rows), and a second
-            backward through the same graph (``retain_graph=True``) needs ``"sorted"``, ``"padded"`` or
-            ``"grouped_mm"`` (``GroupedExperts``' fused loop, which ``"auto"`` may take on CPU, lets go of its
-            saved activations in the first). Defaults to ``"auto"``.
+            that ``"padded"`` and ``"grouped_mm"`` refuse dropped assignments (a router with a capacity) and
+            ``"grouped_mm"`` needs experts that can run it (``GroupedExperts``: 16-byte rows). Defaults to
+            ``"auto"``.
 
     Shapes:
         ``[..., D] -> [..., D']``.

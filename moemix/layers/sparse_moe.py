@@ -59,8 +59,7 @@ class SparseMoE(MoELayer):
         dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or
             ``"grouped_mm"`` (see :mod:`moemix.layers.dispatch`); the result is the same, only speed differs.
             ``"padded"`` and ``"grouped_mm"`` cannot hold dropped assignments, so they are refused with
-            ``capacity_factor``; a second backward through the same graph (``retain_graph=True``) needs a
-            layout other than ``"loop"``, which ``"auto"`` may take on CPU. Defaults to "auto".
+            ``capacity_factor``. Defaults to "auto".
 
     Shapes:
         ``[..., in_features] -> [..., out_features]``.

@@ -213,8 +213,8 @@ def test_double_backward_raises_instead_of_dropping_terms(layout, glu):
         torch.autograd.grad(moe(x).sum(), list(moe.parameters()), create_graph=True, allow_unused=True)
 
 
-@pytest.mark.parametrize("layout", ["sorted", "padded"])
-def test_second_backward_with_retain_graph_on_buffer_layouts(layout):
+@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
+def test_second_backward_with_retain_graph(layout):
     moe = SparseMoE(8, 12, num_experts=4, k=2, dispatch_layout=layout).double()
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     out = moe(x).sum()
@@ -249,7 +249,7 @@ def test_loop_layout_leaves_saved_tensors_to_saved_tensor_hooks(glu):
     torch.testing.assert_close(torch.autograd.grad(checkpointed.sum(), [x, moe.experts.w1]), want)
 
 
-@pytest.mark.parametrize("layout", ["sorted", "padded"])  # gradcheck backpropagates through one graph repeatedly
+@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
 @pytest.mark.parametrize("score", ["softmax", "cosine"])
 def test_float64_layer_passes_gradcheck(layout, score):
     torch.manual_seed(0)
