@@ -109,10 +109,11 @@ class ShardedExperts(RoutedExperts):
 
     The tokens travel between ranks sorted by expert whatever the layer's ``dispatch_layout`` says. The
     received rows are tokens routed to one local expert each with weight 1 (a :class:`RoutingDecision` with
-    ``k = 1``, one-hot ``probs``): ``local.plan_routing`` plans them in the layer's ``dispatch_layout`` and ``local.forward_routed`` runs
-    them, so the local experts take the same paths as in a single process (``GroupedExperts``: its
-    ``"auto"`` rule, fused CPU loop, padded batches, ``F.grouped_mm``), and experts that implement only
-    ``forward_routed`` shard as well.
+    ``k = 1``, one-hot ``probs``): ``local.plan_routing`` plans them in the layer's ``dispatch_layout`` and
+    ``local.forward_routed`` runs them, so the local experts take the same paths as in a single process
+    (``GroupedExperts``: its ``"auto"`` rule, fused CPU loop, padded batches, ``F.grouped_mm``), and experts
+    that implement only ``forward_routed`` shard as well. A rank whose experts receive no rows still joins
+    both exchanges in the backward, whatever its experts return for no rows.
 
     Raises:
         ValueError: ``num_experts`` not divisible by the group's world size, ``local`` not holding
