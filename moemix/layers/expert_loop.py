@@ -221,7 +221,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         grad_b1 = torch.empty_like(b1) if need_b1 else None
         grad_b2 = torch.empty_like(b2) if need_b2 else None
         w1s, w2s, b1s, b2s = _rows(w1), _rows(w2), _rows(b1), _rows(b2)
-        forward_library = cpu_gemm(x)
+        forward_library = cpu_gemm(x) if None in saved else None  # for recomputed chunks only
         gw1s, gw2s, gb1s, gb2s = _rows(grad_w1), _rows(grad_w2), _rows(grad_b1), _rows(grad_b2)
         for e, n in enumerate(counts):
             if n == 0:  # experts without tokens get zero gradients
