@@ -7,20 +7,13 @@ from typing import List, Optional
 
 import torch
 
+from moemix.layers.cpu_gemm import cpu_fields
+
 
 def cpu_description() -> str:
     """``"<model name>, family F model M, <torch's CPU kernel level>"`` from ``/proc/cpuinfo`` (Linux; the
     torch part only elsewhere): CPUs of one model name can differ (e.g. "AMD EPYC" for Zen 3 and Zen 4)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    fields = cpu_fields()
     parts = [fields.get("model name")]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")

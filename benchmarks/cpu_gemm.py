@@ -5,7 +5,8 @@
 For one expert of each configuration of ``benchmarks/moe_layer.py`` (balanced rows per expert
 ``T * k / E``; SwiGLU, so the first layer is ``D x 2H``), it times every product of the fused loop's
 forward and backward with either library, interleaved: the two layers' GEMMs, their input gradients
-(the products ``"auto"`` sends to oneDNN) and their weight gradients (kept in ``torch.mm``). For the
+(``product="forward"`` in ``cpu_gemm``) and their weight gradients (``"weight_grad"``; written into a
+buffer, as the loop writes them, so oneDNN's time includes the copy, since its op has no ``out=``). For the
 small configurations it also times the padded layout's batched first-layer GEMM ``[E, C, D] @ [E, D, 2H]``
 (``C`` = rows per expert) as one ``torch.bmm`` against oneDNN one expert at a time. ``mm / onednn``
 above 1 means oneDNN is faster (median of per-round ratios).
@@ -47,8 +48,12 @@ def loop_products(rows: int, hidden: int, g: torch.Generator) -> Dict[str, tuple
     }
 
 
-def product_pair(a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], object]]:
-    return {"mm": lambda: matmul(a, b, library="blas"), "onednn": lambda: matmul(a, b, library="onednn")}
+def product_pair(a: torch.Tensor, b: torch.Tensor, into_buffer: bool) -> Dict[str, Callable[[], object]]:
+    """Either library's ``a @ b``; ``into_buffer``: written into one preallocated ``[M, N]`` tensor, as the loop
+    writes its weight gradients (oneDNN's product then includes the copy)."""
+    out = torch.empty(a.shape[0], b.shape[1]) if into_buffer else None
+    return {"mm": lambda: matmul(a, b, out=out, library="blas"),
+            "onednn": lambda: matmul(a, b, out=out, library="onednn")}
 
 
 def padded_pair(experts: int, rows: int, hidden: int, g: torch.Generator) -> Dict[str, Callable[[], object]]:
@@ -94,7 +99,7 @@ def main() -> None:
         case = results[name] = {}
         for product, (a, b) in loop_products(rows, cfg.H, g).items():
             entry = case[product] = {"shape": f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]}",
-                                     **measure(product_pair(a, b), args.repeats)}
+                                     **measure(product_pair(a, b, product.startswith("weight grad")), args.repeats)}
             lines.append(row(name, product, entry))
         if name in SMALL:
             entry = case["padded layer 1: bmm vs per expert"] = {

@@ -1,31 +1,37 @@
 """The GEMM library of the fused expert loop on CPU: torch's default BLAS or oneDNN.
 
 torch runs fp32 ``torch.mm`` on x86 through its BLAS (MKL in the official wheels). torch also ships
-oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster
-on an AMD EPYC (Zen 4), 2 threads: with ``torch.mm`` the loop took 3-6% longer at ``coarse`` and
-``fine`` (E=8 and 64, 1024 and 512 rows per expert), 13-18% longer with 32 rows per expert and 4-5% longer
-with 16 rows of a 512x512 expert, a size at which ``"auto"`` dispatch runs the padded layout instead of
-the loop (medians of seven runs of ``benchmarks/moe_layer.py --layouts loop,loop_blas``;
-GEMM-library table in ``docs/results/moe_layer.md``). :func:`cpu_gemm` decides which library runs a
-product.
+oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused loop's products faster on
+AMD EPYC CPUs, 2 threads (``benchmarks/cpu_gemm.py``, one expert's products one at a time, and
+``benchmarks/moe_layer.py --layouts loop,loop_blas`` for the whole layer):
 
-``"auto"`` (the default) picks oneDNN on the kind of machine it was measured on: fp32 CPU tensors, an
-AMD CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels, oneDNN built in
-and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch mode
-or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
-tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own
-tuned library; AMD without AVX-512, e.g. Zen 3, where oneDNN was slower at 21 of the loop's 24 products
-and at most 7% faster at the other 3, ``docs/results/cpu_gemm_avx2.md``; ARM; bf16/fp16; CUDA) it is
-``torch.mm``. :func:`set_cpu_gemm` or the
-``MOEMIX_CPU_GEMM`` environment variable (``auto``, ``blas``, ``onednn``) overrides the choice
-process-wide; ``onednn`` still falls back to BLAS where oneDNN cannot run (not fp32 on CPU, not built
-in, disabled, a mode or tracing active).
+- Zen 5 (``cpu family`` 26, full-width AVX-512 units): every product, the weight gradients included, took
+  0.45-0.6 of ``torch.mm``'s time at the coarse and fine sizes and 0.5-0.95 at the small ones (one small
+  weight gradient excepted); the whole layer with ``torch.mm`` took about 1.4x as long at ``coarse``
+  (``docs/results/cpu_gemm_zen5.md``, the GEMM-library table of ``docs/results/moe_layer.md``).
+- Zen 4 (``cpu family`` 25, AVX-512): the loop took 3-6% longer with ``torch.mm`` at ``coarse`` and ``fine``
+  (E=8 and 64, 1024 and 512 rows per expert), 13-18% longer with 32 rows per expert and 4-5% longer with 16
+  rows of a 512x512 expert; the weight gradients were mixed (``mm / onednn`` 0.75-1.96,
+  ``docs/results/cpu_gemm.md``), so ``"auto"`` keeps them in ``torch.mm`` there.
+
+:func:`cpu_gemm` decides which library runs a product: ``product="forward"`` for the layers' products and
+the input gradients, ``"weight_grad"`` for the weight gradients (``x^T @ grad``). ``"auto"`` (the default)
+picks oneDNN for the products measured faster on the kind of machine it runs on: fp32 CPU tensors, an AMD
+CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels (family 26: every
+product; any other family: the forward products, the Zen 4 rule, which unmeasured families take), oneDNN
+built in and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch
+mode or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
+tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned
+library; AMD without AVX-512, e.g. Zen 3, where oneDNN was slower at 21 of the loop's 24 products and at
+most 7% faster at the other 3, ``docs/results/cpu_gemm_avx2.md``; ARM; bf16/fp16; CUDA) it is
+``torch.mm``. :func:`set_cpu_gemm` or the ``MOEMIX_CPU_GEMM`` environment variable (``auto``, ``blas``,
+``onednn``) overrides the choice process-wide; ``onednn`` runs every product in oneDNN and still falls
+back to BLAS where oneDNN cannot run (not fp32 on CPU, not built in, disabled, a mode or tracing active).
 
 oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``, the fp32 linear that torch's own
-compiler (inductor) emits on CPU; it is not a documented torch API, so its absence also means BLAS.
-The two libraries sum in different orders: results agree to fp32 rounding, not bit for bit.
-The weight-gradient products (``x^T @ grad``) always use ``torch.mm`` writing into their buffers:
-oneDNN's speed there was mixed (``benchmarks/cpu_gemm.py``, table in ``docs/results/cpu_gemm.md``).
+compiler (inductor) emits on CPU; it is not a documented torch API, so its absence also means BLAS. It has
+no ``out=``: a product meant for a buffer is copied in (the benchmark times that copy). The two libraries
+sum in different orders: results agree to fp32 rounding, not bit for bit.
 """
 from __future__ import annotations
 
@@ -38,9 +44,15 @@ from torch import Tensor
 
 from moemix.layers._validate import check_choice
 
-__all__ = ["cpu_gemm", "set_cpu_gemm", "cpu_gemm_setting", "onednn_gemm_usable", "matmul", "CPU_GEMM_CHOICES"]
+__all__ = ["cpu_gemm", "set_cpu_gemm", "cpu_gemm_setting", "onednn_gemm_usable", "matmul", "cpu_fields",
+           "CPU_GEMM_CHOICES", "PRODUCTS"]
 
 CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
+PRODUCTS = ("forward", "weight_grad")  # the layers' products and input gradients; the weight gradients
+# "auto": the products oneDNN runs on AMD CPUs with AVX-512 kernels, by ``cpu family`` (module doc; any
+# family not listed takes the Zen 4 rule).
+AUTO_ONEDNN_PRODUCTS = {26: PRODUCTS}
+AUTO_ONEDNN_PRODUCTS_OTHER_FAMILIES = ("forward",)
 ENV_VAR = "MOEMIX_CPU_GEMM"
 
 
@@ -62,15 +74,20 @@ def cpu_gemm_setting() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_vendor() -> str:
+def cpu_fields() -> dict:
+    """The first processor's ``/proc/cpuinfo`` fields (``vendor_id``, ``cpu family``, ``model``, ``model
+    name``, ...; empty where there is no such file)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return ""
+    return fields
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +97,14 @@ def _onednn_linear() -> Optional[object]:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_machine() -> bool:
-    """The machine kind oneDNN was measured faster on: AMD x86 with AVX-512 kernels."""
-    return _cpu_vendor() == "AuthenticAMD" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+def _auto_onednn_products() -> tuple:
+    """The products ``"auto"`` runs in oneDNN on this machine (see the module doc): on AMD x86 with AVX-512
+    kernels, those measured faster for its CPU family; elsewhere none."""
+    fields = cpu_fields()
+    if fields.get("vendor_id") != "AuthenticAMD" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ()
+    family = fields.get("cpu family", "")
+    return AUTO_ONEDNN_PRODUCTS.get(int(family) if family.isdigit() else None, AUTO_ONEDNN_PRODUCTS_OTHER_FAMILIES)
 
 
 def python_modes_active() -> bool:
@@ -106,13 +128,15 @@ def onednn_gemm_usable(a: Tensor, modes: bool = True) -> bool:
             and not (modes and (torch.compiler.is_compiling() or python_modes_active())))
 
 
-def cpu_gemm(a: Tensor, modes: bool = True) -> str:
+def cpu_gemm(a: Tensor, modes: bool = True, product: str = "forward") -> str:
     """``"onednn"`` or ``"blas"``: the library that runs products of ``a``'s kind under the setting.
+    ``product``: ``"forward"`` (the layers' products and input gradients) or ``"weight_grad"``.
     ``modes=False``: the library outside any tracing or Python mode, what a plain run uses (the ``"auto"``
     layout rule weighs that, so that e.g. ``FlopCounterMode`` sees the layout a plain run takes)."""
+    check_choice("product", product, PRODUCTS)
     if _setting == "blas" or not onednn_gemm_usable(a, modes):
         return "blas"
-    return "onednn" if _setting == "onednn" or _measured_machine() else "blas"
+    return "onednn" if _setting == "onednn" or product in _auto_onednn_products() else "blas"
 
 
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,

@@ -42,10 +42,11 @@ __all__ = ["fused_expert_mlp", "fused_loop_supports", "saved_tensor_hooks_active
 
 
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor, grad_w: Optional[torch.Tensor],
-                 grad_b: Optional[torch.Tensor]) -> None:
-    """``grad_w = x^T grad`` and ``grad_b = sum(grad)`` into the given tensors (None: not needed)."""
+                 grad_b: Optional[torch.Tensor], library: str) -> None:
+    """``grad_w = x^T grad`` (in ``library``) and ``grad_b = sum(grad)`` into the given tensors (None: not
+    needed)."""
     if grad_w is not None:
-        torch.mm(x.t(), grad, out=grad_w)
+        matmul(x.t(), grad, out=grad_w, library=library)
     if grad_b is not None:
         torch.sum(grad, dim=0, out=grad_b)
 
@@ -213,7 +214,7 @@ class _FusedExpertMLP(torch.autograd.Function):
     def _backward(ctx, grad_out, saved, x, weights, w1, b1, w2, b2, order, tokens_sorted, weights_sorted):
         need_x, need_weights, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
         act_backward, glu, hidden, counts = ctx.act_backward, ctx.glu, w2.shape[1], ctx.counts
-        library = cpu_gemm(grad_out)
+        library, weight_library = cpu_gemm(grad_out), cpu_gemm(grad_out, product="weight_grad")
         grad_weights_sorted = weights_sorted.new_zeros(weights_sorted.shape[0])
         buffers = ctx.grad_buffers or (None, None)
         grad_w1 = take_or_empty(buffers[0], w1) if need_w1 else None
@@ -251,14 +252,14 @@ class _FusedExpertMLP(torch.autograd.Function):
                     else:
                         g_c.mul_(w_c)
                     for e, i, j in chunk.experts:
-                        _weight_grad(a_c[i:j], g_c[i:j], _at(gw2s, e), _at(gb2s, e))
+                        _weight_grad(a_c[i:j], g_c[i:j], _at(gw2s, e), _at(gb2s, e), weight_library)
                 u_c.mul_(w_c)
                 if glu:
                     grad_h = gated_activation_grad(u_c, h_c, act_out, act_backward)
                 else:
                     grad_h = act_backward(u_c, h_c, act_out)
                 for e, i, j in chunk.experts:
-                    _weight_grad(x_c[i:j], grad_h[i:j], _at(gw1s, e), _at(gb1s, e))
+                    _weight_grad(x_c[i:j], grad_h[i:j], _at(gw1s, e), _at(gb1s, e), weight_library)
                 if need_x:
                     grad_x.index_add_(0, t_c, _stacked([matmul(grad_h[i:j], w1s[e].t(), library=library)
                                                         for e, i, j in chunk.experts]))

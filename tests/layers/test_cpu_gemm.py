@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moemix.layers import SparseMoE
 from moemix.layers import cpu_gemm as gemm
+from moemix.layers import expert_loop as loop
 from moemix.layers import expert_workers as workers
 from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, matmul, onednn_gemm_usable, set_cpu_gemm
 from moemix.layers.expert_workers import plan_expert_groups
@@ -79,7 +80,7 @@ def test_fused_loop_in_fp32_equals_the_reference_with_either_library(library, kw
     moe = SparseMoE(32, 48, num_experts=5, dispatch_layout="loop", **kw)
     got, want = _fp32_against_fp64_reference(moe, torch.randn(70, 32))
     hit = int((moe.tokens_per_expert > 0).sum())
-    assert len(onednn_calls) == (4 * hit if library == "onednn" else 0)  # 2 layers + 2 input gradients
+    assert len(onednn_calls) == (6 * hit if library == "onednn" else 0)  # 2 layers, 2 input + 2 weight gradients
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
@@ -102,7 +103,7 @@ def test_onednn_on_the_worker_threads_equals_the_reference(onednn_calls, monkeyp
         got, want = _fp32_against_fp64_reference(moe, x)
     finally:
         torch.set_num_threads(before)
-    assert len(onednn_calls) == 16
+    assert len(onednn_calls) == 24  # 4 experts x (2 layers, 2 input + 2 weight gradients)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
@@ -123,15 +124,44 @@ def test_inference_and_default_device_still_use_onednn(onednn_calls):
 
 
 @needs_onednn
-def test_auto_follows_the_measured_machine_rule(monkeypatch):
+@pytest.mark.parametrize("vendor, family, expected", [
+    ("AuthenticAMD", "26", ("onednn", "onednn")),  # Zen 5: every product
+    ("AuthenticAMD", "25", ("onednn", "blas")),  # Zen 4: weight gradients in BLAS
+    ("AuthenticAMD", "27", ("onednn", "blas")),  # unmeasured family: the Zen 4 rule
+    ("GenuineIntel", "6", ("blas", "blas")),
+])
+def test_auto_follows_the_measured_machine_rule(monkeypatch, vendor, family, expected):
     x = torch.empty(3, 4)
     set_cpu_gemm("auto")
-    monkeypatch.setattr(gemm, "_measured_machine", lambda: True)
-    assert cpu_gemm(x) == "onednn"
-    monkeypatch.setattr(gemm, "_measured_machine", lambda: False)
-    assert cpu_gemm(x) == "blas"
+    monkeypatch.setattr(gemm, "cpu_fields", lambda: {"vendor_id": vendor, "cpu family": family})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    gemm._auto_onednn_products.cache_clear()
+    try:
+        assert (cpu_gemm(x), cpu_gemm(x, product="weight_grad")) == expected
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        gemm._auto_onednn_products.cache_clear()
+        assert (cpu_gemm(x), cpu_gemm(x, product="weight_grad")) == ("blas", "blas")
+    finally:
+        monkeypatch.undo()
+        gemm._auto_onednn_products.cache_clear()
     set_cpu_gemm("onednn")
-    assert cpu_gemm(x) == "onednn"
+    assert (cpu_gemm(x), cpu_gemm(x, product="weight_grad")) == ("onednn", "onednn")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_weight_gradients_follow_their_own_rule(library, monkeypatch, onednn_calls):
+    """With the layers in oneDNN, the weight gradients go where ``product="weight_grad"`` says."""
+    set_cpu_gemm("onednn")
+    monkeypatch.setattr(gemm, "cpu_gemm", lambda a, modes=True, product="forward": (
+        library if product == "weight_grad" else "onednn"))
+    monkeypatch.setattr(loop, "cpu_gemm", gemm.cpu_gemm)
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 48, num_experts=5, glu=True, bias=False, dispatch_layout="loop")
+    got, want = _fp32_against_fp64_reference(moe, torch.randn(70, 32))
+    hit = int((moe.tokens_per_expert > 0).sum())
+    assert len(onednn_calls) == (6 if library == "onednn" else 4) * hit
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
 @needs_onednn
@@ -166,6 +196,8 @@ def test_flop_counter_sees_every_product_of_the_fused_loop():
 def test_bad_choice_names_the_argument():
     with pytest.raises(ValueError, match=r"choice must be one of \('auto', 'blas', 'onednn'\), got 'mkl'"):
         set_cpu_gemm("mkl")
+    with pytest.raises(ValueError, match=r"product must be one of \('forward', 'weight_grad'\), got 'bias'"):
+        cpu_gemm(torch.empty(1), product="bias")
 
 
 @pytest.mark.parametrize("value, expected", [("blas", "blas"), ("ONEDNN", "onednn"), ("bogus", None)])
