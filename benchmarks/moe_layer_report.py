@@ -120,19 +120,32 @@ def has_loop_blas(results: dict) -> bool:
     return any("moemix:loop_blas" in results[k]["timing_detail"] for k in results if k != "meta")
 
 
-def gemm_library_table(named_runs: list) -> list:
-    """``moemix:loop_blas`` over ``moemix:loop`` (paired) in each ``(label, results)`` run, and the median."""
-    first = named_runs[0][1]
+def gemm_library_table(named_runs: list, groups: Sequence[tuple] = ()) -> list:
+    """``moemix:loop_blas`` over ``moemix:loop`` (paired) in each ``(label, number, results)`` run (``number``:
+    1-based run number, None for a run outside the numbered ones), the median, and the median of the runs of
+    each ``(first, last)`` group that holds more than one of them."""
+    first = named_runs[0][2]
     cases = [k for k in first if k != "meta" and "moemix:loop_blas" in first[k]["timing_detail"]]
-    lines = ["| case | moemix:loop ms | moemix:loop_blas ms | " + " | ".join(label for label, _ in named_runs)
-             + " | median |", "|---" * (len(named_runs) + 4) + "|"]
+    members = [[i for i, (_, n, _) in enumerate(named_runs) if n is not None and a <= n <= b] for a, b in groups]
+    shown = [(f"median of runs {a}-{b}", m) for (a, b), m in zip(groups, members) if len(m) > 1]
+    head = ["case", "moemix:loop ms", "moemix:loop_blas ms", *(label for label, _, _ in named_runs), "median",
+            *(label for label, _ in shown)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for k in cases:
         t = first[k]["timing_detail"]
         ratios = [paired_ratio(r[k]["timing_detail"]["moemix:loop_blas"], r[k]["timing_detail"]["moemix:loop"])
-                  for _, r in named_runs]
+                  for _, _, r in named_runs]
+        medians = [statistics.median(ratios)] + [statistics.median(ratios[i] for i in m) for _, m in shown]
         lines.append(f"| {k} | {fmt(t['moemix:loop']['ms'])} | {fmt(t['moemix:loop_blas']['ms'])} | "
-                     + " | ".join(f"{v:.3f}" for v in ratios) + f" | {statistics.median(ratios):.3f} |")
+                     + " | ".join(f"{v:.3f}" for v in ratios + medians) + " |")
     return lines
+
+
+def run_groups(count: int, since: Sequence[int]) -> list:
+    """``(first, last)`` run numbers (1-based) of each group that starts at one ``since`` value and ends before
+    the next (the last at run ``count``)."""
+    bounds = list(since) + [count + 1]
+    return [(a, b - 1) for a, b in zip(bounds, bounds[1:])]
 
 
 def row_buffers_table(results: dict) -> list:
@@ -155,8 +168,7 @@ def runs_table(runs: list, since: Sequence[int] = ()) -> list:
     cases = []
     for results in runs:
         cases += [k for k in results if k != "meta" and k not in cases]
-    bounds = list(since) + [len(runs) + 1]
-    groups = [(a, b - 1) for a, b in zip(bounds, bounds[1:]) if b - 1 > a]
+    groups = [(a, b) for a, b in run_groups(len(runs), since) if b > a]
     head = ([f"run {i + 1}" for i in range(len(runs))] + ["median"]
             + [f"median of runs {a}-{b}" for a, b in groups] + ["target"])
     lines = ["| case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -238,18 +250,20 @@ def main():
                 "One process per run, run one after another:", ""]
         out += [f"{i + 1}. " + meta_line(results) for i, results in enumerate(runs)] + [""]
         out += ([args.runs_note, ""] if args.runs_note else []) + runs_table(runs, args.runs_since)
-    named = [(f"run {i + 1}", r) for i, r in enumerate(runs or [default])] + ([("reuse", reuse)] if reuse else [])
+    named = ([(f"run {i + 1}", i + 1 if runs else None, r) for i, r in enumerate(runs or [default])]
+             + ([("reuse", None, reuse)] if reuse else []))
     # where the loop's default is BLAS, moemix:loop_blas is the same loop: nothing to compare
-    named = [(label, r) for label, r in named if has_loop_blas(r) and r["meta"].get("cpu_gemm") == "onednn"]
+    named = [entry for entry in named if has_loop_blas(entry[2]) and entry[2]["meta"].get("cpu_gemm") == "onednn"]
     if named:
         out += ["", "## CPU: the fused loop's GEMM library", "",
                 "Runs whose fused loop ran its fp32 products in `onednn` (`moemix.layers.cpu_gemm`; runs where "
                 "the default is BLAS are left out: there `moemix:loop_blas` is the same loop); `moemix:loop_blas` "
                 "is the same loop with `torch.mm`. Per run, `moemix:loop_blas` time over `moemix:loop` time (median of "
                 "per-round ratios; above 1 means the default is faster): the runs above (`run i`, default "
-                "allocator) and the freed-memory-reused run (`reuse`); times from the first. Single products: "
-                "`docs/results/cpu_gemm.md`.", ""]
-        out += gemm_library_table(named)
+                "allocator) and the freed-memory-reused run (`reuse`); times from the first; medians over the groups "
+                "of runs of the table above. Single products: `docs/results/cpu_gemm.md` (Zen 4) and "
+                "`docs/results/cpu_gemm_zen5.md`.", ""]
+        out += gemm_library_table(named, run_groups(len(runs), args.runs_since) if runs else ())
     if args.workers:
         workers = load_json(args.workers)
         out += section("CPU: the fused loop with and without its worker threads", workers,

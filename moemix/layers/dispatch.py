@@ -109,7 +109,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
         grouped_mm_ok: for the ``"auto"`` rule, the experts can run the ``"grouped_mm"`` layout and gain by
             it (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`). Defaults to False.
         loop_gemm: for the ``"auto"`` rule on CPU, the library the fused loop's products would run in
-            (``"onednn"`` or ``"blas"``, :func:`moemix.layers.cpu_gemm.cpu_gemm`). Defaults to ``"onednn"``.
+            (``"onednn_all"``, ``"onednn"`` or ``"blas"``, :func:`~moemix.layers.layout_rule.choose_layout`).
+            Defaults to ``"onednn"``.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape

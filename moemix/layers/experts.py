@@ -192,12 +192,17 @@ class GroupedExperts(RoutedExperts):
         return grouped_mm_pays_off(device_type, dtype, widths)
 
     def loop_gemm(self, x: torch.Tensor) -> str:
-        """The library (``"onednn"`` or ``"blas"``, :func:`~moemix.layers.cpu_gemm.cpu_gemm`) the fused loop
-        would run its products in on ``x`` in a plain run (in the autocast dtype when autocast is on; tracing
-        and Python modes such as ``FlopCounterMode`` left out, so they see the layout a plain run takes): the
-        ``"auto"`` rule weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
+        """The library the fused loop would run its products in on ``x`` in a plain run
+        (:func:`~moemix.layers.cpu_gemm.cpu_gemm`): ``"onednn_all"`` (every product in oneDNN), ``"onednn"`` (the
+        layers and input gradients; the weight gradients in BLAS) or ``"blas"``. In the autocast dtype when
+        autocast is on; tracing and Python modes such as ``FlopCounterMode`` left out, so they see the layout a
+        plain run takes. The ``"auto"`` rule weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
         dtype = autocast_dtype(x.device.type) or x.dtype
-        return cpu_gemm(x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device), modes=False)
+        probe = x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device)
+        forward = cpu_gemm(probe, modes=False)
+        if forward == "onednn" and cpu_gemm(probe, modes=False, product="weight_grad") == "onednn":
+            return "onednn_all"
+        return forward
 
     def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
         """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""

@@ -21,15 +21,19 @@ __all__ = ["choose_layout", "grouped_mm_pays_off"]
 # has many rows or enough work for its per-call overhead not to matter; below that the padded batched GEMM
 # wins while padding stays small, and under skew the loop (its chunks share the per-expert ops) beat the
 # sorted slices in 23 of 25 cases (sorted / loop up to 1.29; the sorted slices were ahead by about 1% in the
-# other two). Where "small enough" ends depends on the fused loop's GEMM library (moemix.layers.cpu_gemm):
-# - loop in oneDNN (AMD Zen 4, AVX-512; docs/results/dispatch_rule.md): mean rows x first-layer
-#   multiply-adds per row of 17M was a toss-up, from 34M the loop won or tied;
-# - loop in BLAS, like the padded layout (AMD Zen 3, AVX2; docs/results/dispatch_rule_avx2.md): the padded
+# other two). Where "small enough" ends depends on the fused loop's GEMM library (moemix.layers.cpu_gemm), the
+# padded layout's being torch.bmm (BLAS) everywhere:
+# - every loop product in oneDNN ("onednn_all"; AMD Zen 5, AVX-512; docs/results/dispatch_rule_zen5.md): the loop
+#   ahead or level in all 23 balanced cases from 8.4M mean rows x first-layer multiply-adds per row (padded /
+#   loop 1.00-1.13 at 8.4M, 1.22-1.36 at 16.8M, 1.32-1.85 above), the padded layout ahead at 4.2M (0.96-0.97);
+# - the layers' products and input gradients in oneDNN, the weight gradients in BLAS ("onednn"; AMD Zen 4,
+#   AVX-512; docs/results/dispatch_rule.md): 17M was a toss-up, from 34M the loop won or tied;
+# - loop in BLAS, like the padded layout ("blas"; AMD Zen 3, AVX2; docs/results/dispatch_rule_avx2.md): the padded
 #   layout was ahead or level in all 8 balanced cases of 34-67M (padded / loop 0.86-1.00) and level or
 #   behind from 134M (1.00-1.21). Measured in float32 only: autocast bf16/fp16 and float64 (the loop in
 #   torch.mm there too) take the BLAS threshold unmeasured.
 PADDED_MAX_MEAN_ROWS = 128
-LOOP_MIN_EXPERT_MACS = {"onednn": 2e7, "blas": 1e8}
+LOOP_MIN_EXPERT_MACS = {"onednn_all": 6e6, "onednn": 2e7, "blas": 1e8}
 PADDED_MAX_WASTE = 1.5
 # On CUDA (H200, torch 2.11, benchmarks/cuda_suite.sh: --quick runs in float32 and bfloat16, CUDA tables of
 # docs/results/moe_layer.md) the batched GEMM beat the sorted slices at every configuration, skewed routing
@@ -51,8 +55,9 @@ def choose_layout(counts: List[int], num_dropped: int = 0, device_type: str = "c
     and benchmarks/dispatch_rule.py). ``macs_per_row``: multiply-adds of one row through an expert's first
     layer (``in_features * H'``); None leaves the expert size out of the CPU rule. ``grouped_mm_ok``: the
     experts can run in ``F.grouped_mm`` and gain by it (:func:`grouped_mm_pays_off`). ``loop_gemm``: the
-    library the fused loop's CPU products would run in, ``"onednn"`` or ``"blas"``
-    (:func:`moemix.layers.cpu_gemm.cpu_gemm`); it moves the expert size up to which the padded layout wins."""
+    library the fused loop's CPU products would run in (:func:`moemix.layers.cpu_gemm.cpu_gemm`): ``"onednn_all"``
+    (every product in oneDNN), ``"onednn"`` (the weight gradients in BLAS) or ``"blas"``; it moves the expert
+    size up to which the padded layout wins."""
     check_choice("loop_gemm", loop_gemm, tuple(LOOP_MIN_EXPERT_MACS))
     routed = sum(counts)
     hit = sum(1 for c in counts if c)

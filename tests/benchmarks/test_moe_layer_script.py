@@ -32,7 +32,7 @@ def test_loop_blas_variant_is_timed_and_the_report_renders_the_gemm_library_tabl
     assert "| small_coarse |" in section
 
 
-def test_runs_table_gives_each_group_of_runs_its_median():
+def _report_module():
     import importlib.util
     import os
     import sys
@@ -47,9 +47,31 @@ def test_runs_table_gives_each_group_of_runs_its_median():
         spec.loader.exec_module(report)
     finally:
         sys.path.pop(0)
+    return report
+
+
+def test_runs_table_gives_each_group_of_runs_its_median():
+    report = _report_module()
     runs = [{"meta": {}, "small_coarse": {"vs_hf_loop": v}} for v in (1.0, 1.2, 1.4, 2.0, 1.1, 1.3)]
     lines = report.runs_table(runs, since=[3, 4, 5])  # groups: runs 3 (one run: no median), 4, 5-6
     assert lines[0].endswith("| run 6 | median | median of runs 5-6 | target |")
     assert "median of runs 3" not in lines[0] and "median of runs 4" not in lines[0]
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[0] == "small_coarse" and cells[7:9] == ["1.25", "1.20"]  # all six; runs 5-6
+
+
+def test_gemm_library_table_gives_each_group_of_runs_its_median():
+    report = _report_module()
+
+    def run(blas_over_loop):
+        loop = {"ms": 10.0, "samples_ms": [10.0, 10.0, 10.0]}
+        blas = {"ms": 10.0 * blas_over_loop, "samples_ms": [10.0 * blas_over_loop] * 3}
+        return {"meta": {}, "small_coarse": {"timing_detail": {"moemix:loop": loop, "moemix:loop_blas": blas}}}
+
+    # runs 1-2 on one machine, runs 4-5 on another (run 3, BLAS by default, left out), plus an unnumbered run
+    named = [("run 1", 1, run(1.1)), ("run 2", 2, run(1.3)), ("run 4", 4, run(2.0)), ("run 5", 5, run(1.8)),
+             ("reuse", None, run(1.0))]
+    lines = report.gemm_library_table(named, report.run_groups(5, [1, 3, 4]))  # groups 1-2, 3-3, 4-5
+    assert lines[0].endswith("| reuse | median | median of runs 1-2 | median of runs 4-5 |")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[0] == "small_coarse" and cells[8:] == ["1.300", "1.200", "1.900"]

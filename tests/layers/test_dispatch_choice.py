@@ -65,18 +65,24 @@ def test_auto_rule_cpu_weighs_expert_size():
 
 def test_auto_rule_cpu_expert_size_depends_on_the_loop_gemm_library():
     """With the loop's products in BLAS (as the padded layout's) the padded layout won up to 67M multiply-adds
-    per expert (docs/results/dispatch_rule_avx2.md); with them in oneDNN, the loop from 34M."""
+    per expert (docs/results/dispatch_rule_avx2.md); with the layers and input gradients in oneDNN, the loop from
+    34M; with every product in oneDNN, from 8.4M."""
     big = 512 * 2048
     assert choose_layout([32] * 8, macs_per_row=big, loop_gemm="onednn") == "loop"   # 34M
     assert choose_layout([32] * 8, macs_per_row=big, loop_gemm="blas") == "padded"
     assert choose_layout([64] * 8, macs_per_row=big, loop_gemm="blas") == "padded"   # 67M
     assert choose_layout([128] * 8, macs_per_row=big, loop_gemm="blas") == "loop"    # 134M
     assert choose_layout([100, 1, 1, 1], macs_per_row=big, loop_gemm="blas") == "loop"  # padding still bounds it
+    # with the weight gradients in oneDNN too (docs/results/dispatch_rule_zen5.md) the loop won from 8.4M
+    small = 512 * 512
+    assert choose_layout([32] * 64, macs_per_row=small, loop_gemm="onednn_all") == "loop"  # 8.4M
+    assert choose_layout([32] * 64, macs_per_row=small, loop_gemm="onednn") == "padded"
+    assert choose_layout([16] * 64, macs_per_row=small, loop_gemm="onednn_all") == "padded"  # 4.2M
     with pytest.raises(ValueError, match="loop_gemm"):
         choose_layout([32] * 8, macs_per_row=big, loop_gemm="mkl")
 
 
-@pytest.mark.parametrize("setting", ["blas", "onednn"])
+@pytest.mark.parametrize("setting", ["blas", "onednn", "auto"])
 def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
     asked = []
     real = experts_module.plan_dispatch
@@ -91,8 +97,10 @@ def test_sparse_moe_tells_the_rule_its_loop_gemm_library(monkeypatch, setting):
             moe(x)
         with FlopCounterMode(display=False):  # the loop runs torch.mm here, but the layout is a plain run's
             moe(x)
-        expected = cpu_gemm(x)
+        libraries = (cpu_gemm(x), cpu_gemm(x, product="weight_grad"))
     finally:
         set_cpu_gemm(before)
+    expected = {("onednn", "onednn"): "onednn_all", ("onednn", "blas"): "onednn", ("blas", "blas"): "blas"}[libraries]
     assert asked == [expected, "blas", expected]  # the loop runs autocast bfloat16 products in torch.mm
-    assert expected == ("onednn" if setting == "onednn" and onednn_gemm_usable(x) else "blas")
+    if setting != "auto":
+        assert expected == ("onednn_all" if setting == "onednn" and onednn_gemm_usable(x) else "blas")
