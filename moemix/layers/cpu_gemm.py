@@ -5,10 +5,12 @@ oneDNN (``torch.backends.mkldnn``), whose AVX-512 matmul kernels ran the fused l
 AMD EPYC CPUs, 2 threads (``benchmarks/cpu_gemm.py``, one expert's products one at a time, and
 ``benchmarks/moe_layer.py --layouts loop,loop_blas`` for the whole layer):
 
-- Zen 5 (``cpu family`` 26, full-width AVX-512 units): every product, the weight gradients included, took
-  0.45-0.6 of ``torch.mm``'s time at the coarse and fine sizes and 0.5-0.95 at the small ones (one small
-  weight gradient excepted); the whole layer with ``torch.mm`` took about 1.4x as long at ``coarse``
-  (``docs/results/cpu_gemm_zen5.md``, the GEMM-library table of ``docs/results/moe_layer.md``).
+- Zen 5 (``cpu family`` 26, AVX-512): ``torch.mm`` took 2.1-2.2 times oneDNN's time for the layers' products
+  and input gradients at the coarse and fine sizes, 1.7-1.9 times for the weight gradients (written into their
+  buffers, the copy included), 1.3-2.1 times with 32 rows per expert; with 16 rows 1.1-1.6 times for the
+  layers and input gradients and 0.65-0.81 for the weight gradients, a size at which ``"auto"`` runs the padded
+  layout (``docs/results/cpu_gemm_zen5.md``). The loop with ``torch.mm`` took 1.55-1.79 times as long at
+  ``coarse`` and ``fine`` in two runs (GEMM-library table of ``docs/results/moe_layer.md``).
 - Zen 4 (``cpu family`` 25, AVX-512): the loop took 3-6% longer with ``torch.mm`` at ``coarse`` and ``fine``
   (E=8 and 64, 1024 and 512 rows per expert), 13-18% longer with 32 rows per expert and 4-5% longer with 16
   rows of a 512x512 expert; the weight gradients were mixed (``mm / onednn`` 0.75-1.96,
