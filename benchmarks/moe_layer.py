@@ -656,6 +656,7 @@ def main(argv=None):
         results["meta"]["gpu"] = torch.cuda.get_device_name()
     else:  # the library the fused loop's fp32 products run in by default on this machine
         results["meta"]["cpu_gemm"] = cpu_gemm(torch.empty(1))
+        results["meta"]["cpu_gemm_weight_grad"] = cpu_gemm(torch.empty(1), product="weight_grad")
         results["meta"]["cpu"] = cpu_description()
     try:
         import transformers

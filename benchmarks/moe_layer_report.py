@@ -188,7 +188,8 @@ def meta_line(results: dict) -> str:
             f"{m.get('dtype', 'float32')}, {m['device']}"
             f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}{' (' + m['cpu'] + ')' if 'cpu' in m else ''}, "
             f"{m['threads']} threads, allocator {m.get('allocator', 'default')}"
-            f"{', fused-loop GEMMs in ' + m['cpu_gemm'] if m.get('device') == 'cpu' and 'cpu_gemm' in m else ''}")
+            f"{', fused-loop GEMMs in ' + m['cpu_gemm'] if m.get('device') == 'cpu' and 'cpu_gemm' in m else ''}"
+            f"{' (weight gradients in ' + m['cpu_gemm_weight_grad'] + ')' if 'cpu_gemm_weight_grad' in m else ''}")
 
 
 def load_json(path: str) -> dict:
@@ -234,7 +235,7 @@ def main():
     out += ["## CPU, default glibc allocator", "", meta_line(default), ""]
     if default["meta"].get("cpu_gemm") == "onednn":
         out += ["On this machine the fused loop (`moemix:loop`, and `moemix` where it picks the loop) runs its "
-                "products through oneDNN, while the HF loop, GShard and the dense FFN use `torch.mm` (the "
+                "products through oneDNN (on Zen 4 all but the weight gradients; `moemix.layers.cpu_gemm`), while the HF loop, GShard and the dense FFN use `torch.mm` (the "
                 "machine's BLAS): part of the margin over them is the GEMM library. `moemix:loop_blas` "
                 "is the same loop with `torch.mm`; the paired ratios are in the GEMM-library table below.", ""]
     out += table(default)

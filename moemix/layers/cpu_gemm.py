@@ -20,7 +20,8 @@ AMD EPYC CPUs, 2 threads (``benchmarks/cpu_gemm.py``, one expert's products one 
 the input gradients, ``"weight_grad"`` for the weight gradients (``x^T @ grad``). ``"auto"`` (the default)
 picks oneDNN for the products measured faster on the kind of machine it runs on: fp32 CPU tensors, an AMD
 CPU (``vendor_id`` in ``/proc/cpuinfo``) on which torch dispatches AVX-512 kernels (family 26: every
-product; any other family: the forward products, the Zen 4 rule, which unmeasured families take), oneDNN
+product, measured on model 2 only; any other family: the forward products, the Zen 4 rule, which unmeasured
+families take), oneDNN
 built in and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no Python dispatch
 mode or torch function mode other than a default device (``FlopCounterMode``, ...) and no ``torch.compile``
 tracing active, as those only know the standard ops. Elsewhere (Intel CPUs, where MKL is Intel's own tuned
@@ -75,10 +76,14 @@ def cpu_gemm_setting() -> str:
     return _setting
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_fields() -> dict:
     """The first processor's ``/proc/cpuinfo`` fields (``vendor_id``, ``cpu family``, ``model``, ``model
-    name``, ...; empty where there is no such file)."""
+    name``, ...; empty where there is no such file); a fresh dict each call."""
+    return dict(_read_cpu_fields())
+
+
+@functools.lru_cache(maxsize=None)
+def _read_cpu_fields() -> dict:
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:

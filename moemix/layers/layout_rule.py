@@ -26,6 +26,9 @@ __all__ = ["choose_layout", "grouped_mm_pays_off"]
 # - every loop product in oneDNN ("onednn_all"; AMD Zen 5, AVX-512; docs/results/dispatch_rule_zen5.md): the loop
 #   ahead or level in all 23 balanced cases from 8.4M mean rows x first-layer multiply-adds per row (padded /
 #   loop 1.00-1.13 at 8.4M, 1.22-1.36 at 16.8M, 1.32-1.85 above), the padded layout ahead at 4.2M (0.96-0.97);
+#   a second sweep with the 6e6 threshold (dispatch_rule_zen5_run2.md) had the padded layout ahead at one
+#   balanced 8.4M case (16 experts of width 512, 16 rows: 0.84), the loop at the other 22 (1.01-1.95), and
+#   the padded layout ahead at 4.2M again (0.89-0.90);
 # - the layers' products and input gradients in oneDNN, the weight gradients in BLAS ("onednn"; AMD Zen 4,
 #   AVX-512; docs/results/dispatch_rule.md): 17M was a toss-up, from 34M the loop won or tied;
 # - loop in BLAS, like the padded layout ("blas"; AMD Zen 3, AVX2; docs/results/dispatch_rule_avx2.md): the padded
