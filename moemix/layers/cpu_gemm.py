@@ -12,9 +12,9 @@ AMD EPYC CPUs, 2 threads (``benchmarks/cpu_gemm.py``, one expert's products one 
   layout (``docs/results/cpu_gemm_zen5.md``). The loop with ``torch.mm`` took 1.55-1.79 times as long at
   ``coarse`` and ``fine`` in two runs (GEMM-library table of ``docs/results/moe_layer.md``).
 - Zen 4 (``cpu family`` 25, AVX-512): the loop took 3-6% longer with ``torch.mm`` at ``coarse`` and ``fine``
-  (E=8 and 64, 1024 and 512 rows per expert), 13-18% longer with 32 rows per expert and 4-5% longer with 16
-  rows of a 512x512 expert; the weight gradients were mixed (``mm / onednn`` 0.75-1.96,
-  ``docs/results/cpu_gemm.md``), so ``"auto"`` keeps them in ``torch.mm`` there.
+  (E=8 and 64, 1024 and 512 rows per expert), 13-19% longer with 32 rows per expert and 2-6% longer with 16
+  rows of a 512x512 expert (medians of runs 1-6 in the GEMM-library table); the weight gradients were mixed
+  (``mm / onednn`` 0.75-1.96, ``docs/results/cpu_gemm.md``), so ``"auto"`` keeps them in ``torch.mm`` there.
 
 :func:`cpu_gemm` decides which library runs a product: ``product="forward"`` for the layers' products and
 the input gradients, ``"weight_grad"`` for the weight gradients (``x^T @ grad``). ``"auto"`` (the default)
