@@ -58,6 +58,12 @@ growth of the peak over the resident size just before one more step is reported 
 temporaries, gradients; not parameters or inputs; moemix's recycled gradient memory is released first,
 so its gradients count like everyone's). On CUDA: ``max_memory_allocated`` growth over the allocated
 bytes before the step.
+
+JSON (``--json``): ``"meta"`` (command, versions, machine, threads, GEMM libraries), then one entry per case,
+keyed by the configuration for balanced routing and ``<config>_skewed`` for skewed routing, each with
+``ms`` (median ms per variant), ``vs_hf_loop`` (HF time / moemix time, higher is better),
+``vs_dense_active`` (moemix time / dense time, lower is better) and timing and memory details; peak memory
+(``peak_mem_bytes``) is measured for balanced routing only.
 """
 from __future__ import annotations
 

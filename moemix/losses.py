@@ -18,6 +18,11 @@ __all__ = ["load_balance_loss", "load_balance_from_counts", "router_z_loss", "im
            "collect_aux_loss"]
 
 
+def _check_scores(name: str, scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"{name} must be [T, E], got shape {tuple(scores.shape)}")
+
+
 def _check_routing(probs: torch.Tensor, indices: torch.Tensor) -> None:
     if probs.dim() != 2 or indices.dim() != 2 or probs.shape[0] != indices.shape[0]:
         raise ValueError(f"probs must be [T, E] and indices [T, k] with the same T, got probs "
@@ -65,6 +70,11 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
         counts: ``[E]`` assignments per expert (any numeric dtype).
         num_assignments: the assignments ``counts`` sums to (``T * k``), > 0.
     """
+    _check_scores("probs", probs)
+    # (a SymInt under torch.compile with dynamic shapes is not checked for its value: that would add a guard)
+    if isinstance(num_assignments, bool) or not isinstance(num_assignments, (int, torch.SymInt)) or \
+            (isinstance(num_assignments, int) and num_assignments < 1):
+        raise ValueError(f"num_assignments must be a positive integer (T * k), got {num_assignments!r}")
     num_experts = probs.shape[-1]
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must have shape ({num_experts},) (E = probs.shape[-1]), got {tuple(counts.shape)}")
@@ -74,6 +84,7 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t (logsumexp_e logits[t, e])^2``; ``logits`` is ``[T, E]``."""
+    _check_scores("logits", logits)
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
@@ -116,6 +127,7 @@ def importance_load_loss(probs: torch.Tensor, indices: torch.Tensor, *,
 
 def router_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy ``-sum_e p log p`` of ``[T, E]`` router probabilities (nats)."""
+    _check_scores("probs", probs)
     if probs.shape[0] == 0:
         return probs.new_zeros((), dtype=torch.float32)
     p = probs.float()

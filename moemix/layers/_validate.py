@@ -1,6 +1,8 @@
 """Argument checks shared by the layers: each raises ``ValueError`` naming the argument."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Tuple
 
 import torch
@@ -11,19 +13,34 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _is_real(value) -> bool:
+    """A finite real number (not a bool, not inf or NaN)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_nonnegative(name: str, value) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if not (_is_real(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_positive(name: str, value) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not (_is_real(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_probability(name: str, value) -> None:
-    if not 0.0 <= value <= 1.0:
+    if not (_is_real(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_optional_bool(name: str, value) -> None:
+    if value is not None:
+        check_bool(name, value)
 
 
 def as_pair(name: str, value) -> Tuple:

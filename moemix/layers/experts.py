@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from moemix.layers._validate import as_pair, check_last_dim, check_positive_int, check_probability
+from moemix.layers._validate import as_pair, check_bool, check_last_dim, check_positive_int, check_probability
 from moemix.layers.activations import gated_activation, get_act_layer
 from moemix.layers.cpu_gemm import cpu_gemm
 from moemix.layers.dispatch import DispatchPlan, plan_dispatch
@@ -24,8 +24,8 @@ __all__ = ["GroupedExperts"]
 class GroupedExperts(RoutedExperts):
     """``E`` two-layer MLP experts with stacked weights.
 
-    Expert ``e`` computes ``fc2_e(drop(act(fc1_e(x))))`` or, with ``glu=True`` (SwiGLU / GeGLU form,
-    Shazeer 2020), ``fc2_e(act(gate_e(x)) * up_e(x))``. Weights are stored stacked as
+    Expert ``e`` computes ``drop2(fc2_e(drop1(act(fc1_e(x)))))`` or, with ``glu=True`` (SwiGLU / GeGLU form,
+    Shazeer 2020), ``drop2(fc2_e(drop1(act(gate_e(x)) * up_e(x))))``, as timm's ``Mlp`` and ``GluMlp``. Weights are stored stacked as
     ``w1 [E, in, hidden]`` (``[E, in, 2 * hidden]`` for GLU: gate then up), ``w2 [E, hidden, out]``,
     so all experts run through one :func:`~moemix.layers.grouped_gemm.grouped_matmul`.
 
@@ -69,7 +69,10 @@ class GroupedExperts(RoutedExperts):
         for name, value in (("num_experts", num_experts), ("in_features", in_features),
                             ("hidden_features", hidden_features), ("out_features", out_features)):
             check_positive_int(name, value)
+        check_bool("glu", glu)
         bias1, bias2 = as_pair("bias", bias)
+        check_bool("bias[0]" if isinstance(bias, (tuple, list)) else "bias", bias1)
+        check_bool("bias[1]" if isinstance(bias, (tuple, list)) else "bias", bias2)
         drop1, drop2 = as_pair("drop", drop)
         paired = isinstance(drop, (tuple, list))
         check_probability("drop[0]" if paired else "drop", drop1)

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Union
 
 from torch import nn
 
+from moemix.layers._validate import check_bool, check_positive_int
 from moemix.layers.sparse_moe import SparseMoE
 
 __all__ = ["replace_mlp_with_moe"]
@@ -38,6 +39,10 @@ def _matches(name: str, pattern: Union[str, Sequence[str]]) -> Optional[str]:
     return None
 
 
+# SparseMoE keywords each replaced FFN determines (its widths, device and dtype).
+_FROM_DENSE = frozenset({"in_features", "hidden_features", "out_features", "device", "dtype"})
+
+
 def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], every: Optional[int]) -> List[str]:
     if pattern is not None and (blocks is not None or every is not None):
         raise ValueError("pass either pattern or blocks/every, not both: pattern chooses modules by name, "
@@ -45,6 +50,9 @@ def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], 
     if blocks is not None and every is not None:
         raise ValueError("pass either blocks (block indices) or every (MoE in every n-th block), not both")
     if pattern is not None:
+        if not isinstance(pattern, str) and not (isinstance(pattern, (list, tuple))
+                                                 and all(isinstance(p, str) for p in pattern)):
+            raise ValueError(f"pattern must be a regex string or a list of module names, got {pattern!r}")
         names = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
         for p in ([pattern] if isinstance(pattern, str) else pattern):
             if not any(_matches(n, p if isinstance(pattern, str) else [p]) for n in names):
@@ -61,10 +69,11 @@ def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], 
     depth = len(stack)
     if blocks is None:
         every = 2 if every is None else every
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_positive_int("every", every)
         blocks = [i for i in range(depth) if i % every == every - 1]  # V-MoE "every other layer": 1, 3, 5, ...
     for i in blocks:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"blocks must hold integer block indices, got {i!r}")
         if not -depth <= i < depth:
             raise ValueError(f"blocks contains {i}, but the model has {depth} blocks")
     return [f"blocks.{i % depth}.mlp" for i in sorted({i % depth for i in blocks})]
@@ -102,6 +111,10 @@ def replace_mlp_with_moe(
         The names of the replaced modules. Each new layer takes its FFN's train/eval mode; if any target
         cannot be converted, a ``ValueError`` names it and the model is left unchanged.
     """
+    check_bool("copy_weights", copy_weights)
+    reserved = sorted(set(moe_kwargs) & _FROM_DENSE)
+    if reserved:
+        raise ValueError(f"replace_mlp_with_moe takes {reserved} from each dense FFN; leave them out of its keywords")
     names = _select_targets(model, pattern, blocks, every)
     if not names:
         raise ValueError("replace_mlp_with_moe matched no module; check pattern/blocks")

@@ -1,14 +1,15 @@
 """Top-k token routers.
 
 A router maps tokens ``[T, D]`` to a :class:`RoutingDecision`: which ``k`` experts each token goes to
-and with what weight. It is the one gate every moemix MoE layer uses (SparseMoE, MixLoRA, EMoE, view
-experts, ...); method-specific scoring plugs in through ``score``.
+and with what weight. It is the gate the moemix MoE layers (``SparseMoE``, ``MoELayer``, expert parallelism)
+use; method-specific scoring plugs in through ``score`` or an override of ``TopKRouter.gate_logits``.
 
 References:
     Shazeer et al. 2017, "Outrageously Large Neural Networks" (noisy top-k gating).
     Fedus et al. 2021, "Switch Transformers" (input jitter, capacity factor).
-    Zoph et al. 2022, "ST-MoE" (router in fp32, z-loss, Gumbel noise).
-    Riquelme et al. 2021, "V-MoE"; Chi et al. 2022, "X-MoE" (cosine router with learnable temperature).
+    Zoph et al. 2022, "ST-MoE" (router in fp32, z-loss); DeepSpeed-MoE "RSample" (Gumbel noise on the choice).
+    Chi et al. 2022, "X-MoE" (cosine router with a learnable temperature); Cong et al. 2023, "GNT-MOVE"
+    (cosine router with a learnable temperature per expert).
     Jiang et al. 2024, "Mixtral of Experts" (softmax, top-k, renormalise).
 """
 from __future__ import annotations
@@ -22,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemix.layers._validate import (check_choice, check_last_dim, check_nonnegative, check_positive,
-                                     check_positive_int)
+from moemix.layers._validate import (check_bool, check_choice, check_last_dim, check_nonnegative, check_optional_bool,
+                                     check_positive, check_positive_int)
 
 __all__ = ["RoutingDecision", "TopKRouter", "SCORE_FUNCTIONS", "NOISE_TYPES", "expert_capacity"]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "cosine")
 NOISE_TYPES = (None, "jitter", "gumbel", "normal")
+MIN_TEMPERATURE = 0.01  # the cosine score's temperature is clamped here (X-MoE)
 
 
 @dataclass
@@ -36,11 +38,12 @@ class RoutingDecision:
     """What a router decided for ``T`` tokens, ``E`` experts, top-``k``.
 
     Attributes:
-        logits: ``[T, E]`` float32 gate logits (after noise, before the score function); float64 for float64
-            tokens.
+        logits: ``[T, E]`` float32 gate logits (after jitter or normal noise, before the score function; Gumbel
+            noise only perturbs the choice, not these); float64 for float64 tokens.
         probs: ``[T, E]`` scores over all experts (softmax / sigmoid of ``logits``), in ``logits``' dtype.
-        weights: ``[T, k]`` combine weights of the chosen experts (zero where dropped).
-        indices: ``[T, k]`` int64 expert ids, sorted by descending score per token.
+        weights: ``[T, k]`` combine weights of the chosen experts, taken from ``probs`` (zero where dropped).
+        indices: ``[T, k]`` int64 expert ids, sorted by descending score per token (by the Gumbel-perturbed
+            score while training with ``noise="gumbel"``).
         kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
         capacity: tokens each expert may take, or None in dropless mode.
         num_dropped: number of dropped assignments (0 in dropless mode); reading it waits for the
@@ -89,11 +92,13 @@ class TopKRouter(nn.Module):
         num_experts: number of experts ``E``.
         k: experts per token. Defaults to 2.
         score: ``"softmax"`` (Mixtral/Switch), ``"sigmoid"`` (independent scores), or ``"cosine"``
-            (cosine similarity between L2-normalised tokens and expert embeddings divided by a learnable
-            temperature, as V-MoE/X-MoE/GNT-MOVE; softmax on top). Defaults to ``"softmax"``.
+            (cosine similarity between L2-normalised projected tokens and expert embeddings divided by a
+            learnable temperature, as X-MoE/tutel/GNT-MOVE; softmax on top). Defaults to ``"softmax"``.
         noise: training-time noise: ``None``; ``"jitter"`` multiplies the input by U(1-eps, 1+eps)
-            (Switch/megablocks); ``"gumbel"`` adds Gumbel(0, 1) to the logits (ST-MoE);
-            ``"normal"`` adds N(0, (eps / E)^2) to the logits (tutel, GNT-MOVE). Defaults to None.
+            (Switch/megablocks); ``"gumbel"`` picks the top-k by logits + Gumbel(0, 1), i.e. samples k experts
+            without replacement from the softmax, while the weights, ``probs`` and ``logits`` stay the clean
+            ones (DeepSpeed "RSample", Mesh-TensorFlow's sampled Switch policy); ``"normal"`` adds
+            N(0, (eps / E)^2) to the logits, weights included (tutel, GNT-MOVE). Defaults to None.
         noise_eps: jitter width or normal-noise scale (only with those two). Defaults to 1e-2 for jitter,
             1.0 for normal.
         renormalize: divide the k weights by their sum (Mixtral). Defaults to True for ``k > 1`` and
@@ -102,8 +107,13 @@ class TopKRouter(nn.Module):
         capacity_factor: if set, each expert takes at most ``expert_capacity(T, E, k, cf)`` assignments
             and the rest are dropped (weight zero, ``kept`` False). Defaults to None (dropless).
         cosine_dim: projection width for the cosine score. Defaults to ``D``.
-        init_std: if set, gate weights are drawn from N(0, init_std^2) (MixLoRA uses 0.02);
-            otherwise ``nn.Linear``'s default init.
+        temperature: initial temperature of the cosine score (the learnable parameter is the log of its
+            inverse, clamped so the temperature stays >= 0.01, as X-MoE). Defaults to 0.07 (X-MoE); GNT-MOVE
+            starts at 1.0.
+        per_expert_temperature: one learnable temperature per expert (GNT-MOVE) instead of one shared
+            (X-MoE, tutel). Defaults to False.
+        init_std: if set, the gate weights (the expert embeddings for ``"cosine"``) are drawn from
+            N(0, init_std^2) (MixLoRA uses 0.02); otherwise ``nn.Linear``'s default init.
 
     Shapes:
         input ``[T, D]`` (or ``[..., D]``, flattened), output :class:`RoutingDecision` with ``T`` rows.
@@ -121,6 +131,8 @@ class TopKRouter(nn.Module):
         renormalize: Optional[bool] = None,
         capacity_factor: Optional[float] = None,
         cosine_dim: Optional[int] = None,
+        temperature: Optional[float] = None,
+        per_expert_temperature: bool = False,
         init_std: Optional[float] = None,
         device=None,
         dtype=None,
@@ -133,6 +145,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
         check_choice("score", score, SCORE_FUNCTIONS)
         check_choice("noise", noise, NOISE_TYPES)
+        check_optional_bool("renormalize", renormalize)
+        check_bool("per_expert_temperature", per_expert_temperature)
         if noise_eps is not None and noise not in ("jitter", "normal"):
             raise ValueError(f"noise_eps applies to noise='jitter' or 'normal', got noise={noise!r}")
         if noise_eps is None:
@@ -159,17 +173,23 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.capacity_factor = capacity_factor
         dd = {"device": device, "dtype": dtype}
-        if cosine_dim is not None and score != "cosine":
-            raise ValueError(f"cosine_dim applies to score='cosine', got score={score!r}")
+        for name, value in (("cosine_dim", cosine_dim), ("temperature", temperature),
+                            ("per_expert_temperature", per_expert_temperature or None)):
+            if value is not None and score != "cosine":
+                raise ValueError(f"{name} applies to score='cosine', got score={score!r}")
         if score == "cosine":
             cosine_dim = in_features if cosine_dim is None else cosine_dim
             check_positive_int("cosine_dim", cosine_dim)
+            self.temperature = 0.07 if temperature is None else temperature
+            check_positive("temperature", self.temperature)
+            if self.temperature < MIN_TEMPERATURE:
+                raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (its clamp), got {self.temperature!r}")
             self.proj = nn.Linear(in_features, cosine_dim, bias=False, **dd)
             self.weight = nn.Parameter(torch.empty(num_experts, cosine_dim, **dd))
-            # X-MoE initialises the temperature at 0.07 and learns its log, clamped below 1/0.01.
-            self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1 / 0.07), **dd))
+            # The log of the inverse temperature is learned (X-MoE), one per expert for GNT-MOVE.
+            self.log_inv_temperature = nn.Parameter(torch.empty(num_experts if per_expert_temperature else 1, **dd))
         else:
-            self.proj = None
+            self.proj, self.temperature = None, None
             self.weight = nn.Parameter(torch.empty(num_experts, in_features, **dd))
             self.register_parameter("log_inv_temperature", None)
         self.init_std = init_std
@@ -180,10 +200,16 @@ class TopKRouter(nn.Module):
             nn.init.normal_(self.weight, std=self.init_std)
         else:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        if self.proj is not None:
+            self.proj.reset_parameters()
+            with torch.no_grad():
+                self.log_inv_temperature.fill_(-math.log(self.temperature))
 
     def extra_repr(self) -> str:
         cf = f", capacity_factor={self.capacity_factor}" if self.capacity_factor else ""
-        return (f"{self.in_features}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}, "
+        temperature = "" if self.proj is None else \
+            f", temperature={self.temperature} ({self.log_inv_temperature.numel()} learnable)"
+        return (f"{self.in_features}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}{temperature}, "
                 f"noise={self.noise!r}, renormalize={self.renormalize}{cf}")
 
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,21 +222,18 @@ class TopKRouter(nn.Module):
         if self.score == "cosine":
             h = F.normalize(F.linear(x, self.proj.weight.to(dtype)), dim=-1)
             w = F.normalize(self.weight.to(dtype), dim=-1)
-            scale = self.log_inv_temperature.to(dtype).clamp(max=math.log(100.0)).exp()
+            scale = self.log_inv_temperature.to(dtype).clamp(max=-math.log(MIN_TEMPERATURE)).exp()
             return F.linear(h, w) * scale
         return F.linear(x, self.weight.to(dtype))
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, D]`` -> ``[T, E]`` logits (:meth:`gate_logits`) in float32, or float64 for float64 tokens, noise
-        included when training."""
+        """``[T, D]`` -> ``[T, E]`` logits (:meth:`gate_logits`) in float32, or float64 for float64 tokens, jitter
+        or normal noise included when training (Gumbel noise applies to the choice only, in :meth:`forward`)."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training and self.noise == "jitter" and self.noise_eps > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.noise_eps, 1 + self.noise_eps)
         logits = self.gate_logits(x)
-        if self.training and self.noise == "gumbel":
-            u = torch.rand_like(logits).clamp_(min=1e-20)  # [0, 1) -> -log(u) > 0
-            logits = logits - torch.log((-torch.log(u)).clamp(min=1e-20))  # + Gumbel(0, 1)
-        elif self.training and self.noise == "normal" and self.noise_eps > 0:
+        if self.training and self.noise == "normal" and self.noise_eps > 0:
             logits = logits + torch.randn_like(logits) * (self.noise_eps / self.num_experts)
         return logits
 
@@ -221,7 +244,11 @@ class TopKRouter(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):
             logits = self.compute_logits(x)
             probs = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, dim=-1)
-            weights, indices = torch.topk(probs, self.k, dim=-1)
+            if self.training and self.noise == "gumbel":  # sample the choice; the weights stay the clean scores
+                indices = torch.topk(logits + _gumbel_like(logits), self.k, dim=-1).indices
+                weights = probs.gather(-1, indices)
+            else:
+                weights, indices = torch.topk(probs, self.k, dim=-1)
             if self.renormalize:
                 total = weights.sum(dim=-1, keepdim=True)
                 if self.score == "sigmoid":  # sigmoid scores can all underflow to 0; a softmax top-1 is >= 1/E
@@ -236,6 +263,12 @@ class TopKRouter(nn.Module):
                               "all assignments are dropped")
             apply_capacity(decision, capacity)
         return decision
+
+
+def _gumbel_like(logits: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise shaped like ``logits``."""
+    u = torch.rand_like(logits).clamp_(min=1e-20)  # [0, 1) -> -log(u) > 0
+    return -torch.log((-torch.log(u)).clamp(min=1e-20))
 
 
 def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:

@@ -213,12 +213,28 @@ class ShardedExperts(RoutedExperts):
         y_recv = scale_grad(y_recv, s)
         return all_to_all(y_recv, input_splits, output_splits, self.group)
 
+    def get_extra_state(self) -> dict:
+        """Which experts this shard holds, saved with it so that it cannot load into another rank's shard."""
+        return {"num_experts": self.num_experts, "world_size": self.world_size,
+                "local_experts": [self.local_expert_range.start, self.local_expert_range.stop]}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state != self.get_extra_state():
+            raise ValueError(
+                f"this checkpoint holds experts {state['local_experts'][0]}..{state['local_experts'][1] - 1} of "
+                f"{state['num_experts']} sharded over {state['world_size']} ranks, but this rank's shard holds "
+                f"experts {self.local_expert_range.start}..{self.local_expert_range.stop - 1} of {self.num_experts} "
+                f"over {self.world_size}; load each rank's own checkpoint (a checkpoint written by rank 0 only, "
+                "Lightning's default, lacks the other ranks' experts)")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Per-rank checkpoints of expert-parallel layers saved before the experts moved under ``local.``.
         local_names = [name for name, _ in self.local.named_parameters()] + [n for n, _ in self.local.named_buffers()]
         for name in local_names:
             if prefix + name in state_dict and prefix + "local." + name not in state_dict:
                 state_dict[prefix + "local." + name] = state_dict.pop(prefix + name)
+        # Checkpoints without the shard's range (older ones, single-process ones sliced by hand) are trusted.
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,

@@ -70,11 +70,33 @@ def test_a_bad_drop_pair_names_its_element():
         GroupedExperts(2, 8, 16, drop=(0.1, 2.0))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(glu="no"), "glu must be True or False"),
+    (dict(bias=1), "bias must be True or False"),
+    (dict(bias=(True, None)), r"bias\[1\] must be True or False"),
+    (dict(drop=float("nan")), r"drop must be in \[0, 1\]"),
+])
+def test_grouped_experts_flags_must_be_booleans(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GroupedExperts(2, 8, 16, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(aux_loss_coef=float("inf")), "aux_loss_coef must be a finite number >= 0"),
+    (dict(z_loss_coef=float("nan")), "z_loss_coef must be a finite number >= 0"),
+    (dict(capacity_factor=float("inf")), "capacity_factor must be a finite number > 0"),
+])
+def test_sparse_moe_refuses_infinite_and_nan_coefficients(kwargs, match):
+    from moemix.layers import SparseMoE
+    with pytest.raises(ValueError, match=match):
+        SparseMoE(8, 16, **kwargs)
+
+
 def test_sparse_moe_refuses_arguments_without_effect_and_integer_input():
     from moemix.layers import SparseMoE
     with pytest.raises(ValueError, match="shared_hidden_features applies only with a shared_expert"):
         SparseMoE(8, 16, shared_hidden_features=4)
-    with pytest.raises(ValueError, match="router_init_std must be >= 0"):
+    with pytest.raises(ValueError, match="router_init_std must be a finite number >= 0"):
         SparseMoE(8, 16, router_init_std=-1.0)
     with pytest.raises(ValueError, match="SparseMoE expected a floating-point input, got dtype torch.int64"):
         SparseMoE(8, 16)(torch.ones(3, 8, dtype=torch.long))

@@ -69,6 +69,18 @@ def test_routing_losses_check_shapes_and_expert_ids(loss):
         loss(probs, torch.tensor([0, 1, 2, 0]))
 
 
+def test_score_losses_want_t_by_e_and_a_positive_assignment_count():
+    for loss, name in ((router_z_loss, "logits"), (router_entropy, "probs")):
+        for bad in (torch.rand(3), torch.tensor(1.0)):
+            with pytest.raises(ValueError, match=f"{name} must be \\[T, E\\]"):
+                loss(bad)
+    probs = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="num_assignments must be a positive integer"):
+        load_balance_from_counts(probs, torch.tensor([1, 2, 1]), 0)
+    with pytest.raises(ValueError, match="probs must be \\[T, E\\]"):
+        load_balance_from_counts(torch.rand(3), torch.tensor([1, 2, 1]), 4)
+
+
 def test_load_balance_from_counts_equals_the_loss_from_indices():
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(10, 5), -1)

@@ -86,6 +86,24 @@ def test_bad_targets_raise():
         replace_mlp_with_moe(nn.Sequential(nn.Linear(2, 2)))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(every=2.5), "every must be a positive integer"),
+    (dict(every=True), "every must be a positive integer"),
+    (dict(every=0), "every must be a positive integer"),
+    (dict(blocks=[1.0]), "blocks must hold integer block indices"),
+    (dict(pattern=3), "pattern must be a regex string or a list of module names"),
+    (dict(copy_weights="yes"), "copy_weights must be True or False"),
+    (dict(hidden_features=4), r"takes \['hidden_features'\] from each dense FFN"),
+    (dict(dtype=torch.float64), r"takes \['dtype'\] from each dense FFN"),
+])
+def test_bad_selectors_and_keywords_raise_naming_the_argument(kwargs, match):
+    model = _vit()
+    before = [type(block.mlp) for block in model.blocks]
+    with pytest.raises(ValueError, match=match):
+        replace_mlp_with_moe(model, **kwargs)
+    assert [type(block.mlp) for block in model.blocks] == before
+
+
 def test_vit_with_moe_trains_and_loss_falls():
     torch.manual_seed(0)
     model = _vit(drop_rate=0.0)

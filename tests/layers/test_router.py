@@ -26,10 +26,30 @@ def test_sigmoid_scores_without_renormalisation():
     torch.testing.assert_close(d.weights, torch.sigmoid(x @ router.weight.t()).topk(3, -1).values)
 
 
-def test_cosine_scores_are_bounded_by_temperature():
-    router = TopKRouter(8, 4, k=1, score="cosine")
-    d = router(torch.randn(6, 8) * 100)
-    assert d.logits.abs().max() <= 1 / 0.07 + 1e-4
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_cosine_logits_are_cosine_similarity_over_the_temperature(per_expert):
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, k=2, score="cosine", cosine_dim=5, temperature=0.5, per_expert_temperature=per_expert)
+    assert router.log_inv_temperature.shape == ((4,) if per_expert else (1,))
+    torch.testing.assert_close(router.log_inv_temperature.exp(), torch.full_like(router.log_inv_temperature, 2.0))
+    with torch.no_grad():  # learned temperatures: 0.5, 0.25, 1, 0.001 (the last clamped to 0.01)
+        if per_expert:
+            router.log_inv_temperature.copy_(-torch.tensor([0.5, 0.25, 1.0, 1e-3]).log())
+    x = torch.randn(6, 8) * 100
+    h = x @ router.proj.weight.t()
+    cosine = (h / h.norm(dim=-1, keepdim=True)) @ (router.weight / router.weight.norm(dim=-1, keepdim=True)).t()
+    temperature = torch.tensor([0.5, 0.25, 1.0, 0.01]) if per_expert else torch.tensor(0.5)
+    torch.testing.assert_close(router(x).logits, cosine / temperature)
+
+
+def test_cosine_reset_parameters_restores_the_initial_temperature_and_projection():
+    router = TopKRouter(8, 4, score="cosine")
+    with torch.no_grad():
+        router.log_inv_temperature.fill_(0.0)
+        router.proj.weight.zero_()
+    router.reset_parameters()
+    torch.testing.assert_close(router.log_inv_temperature, torch.tensor([math.log(1 / 0.07)]))
+    assert router.proj.weight.abs().sum() > 0
 
 
 def test_router_runs_in_float32_under_autocast():
@@ -51,20 +71,33 @@ def test_noise_only_in_training(noise):
     x = torch.randn(64, 8)
     router.eval()
     assert torch.equal(router(x).logits, router(x).logits)
+    assert torch.equal(router(x).indices, router(x).indices)
     router.train()
-    noisy = router(x).logits
-    assert torch.isfinite(noisy).all()
-    assert not torch.equal(noisy, router(x).logits)
+    first, second = router(x), router(x)
+    assert torch.isfinite(first.logits).all()
+    if noise == "gumbel":  # the choice is sampled; logits and scores stay the clean ones
+        assert not torch.equal(first.indices, second.indices)
+        assert torch.equal(first.logits, second.logits)
+    else:
+        assert not torch.equal(first.logits, second.logits)
 
 
-def test_gumbel_noise_is_standard_gumbel():
+def test_gumbel_noise_samples_the_choice_from_the_softmax_and_keeps_clean_weights():
+    """DeepSpeed "RSample" / Mesh-TensorFlow's sampled Switch policy: top-k of logits + Gumbel(0, 1) draws
+    experts from softmax(logits); the combine weights are the clean probabilities of the drawn experts."""
     torch.manual_seed(0)
-    router = TopKRouter(8, 4, noise="gumbel")
-    x = torch.randn(20000, 8)
-    noise = router(x).logits - x @ router.weight.t()
-    assert torch.isfinite(noise).all()
-    assert math.isclose(noise.mean().item(), 0.5772, abs_tol=0.02)  # Euler-Mascheroni constant
-    assert math.isclose(noise.std().item(), math.pi / math.sqrt(6), rel_tol=0.02)
+    router = TopKRouter(8, 4, k=1, noise="gumbel")
+    x = torch.randn(1, 8).expand(20000, 8)
+    clean = torch.softmax(x[:1] @ router.weight.t(), dim=-1)[0]
+    d = router(x)
+    torch.testing.assert_close(d.logits, (x @ router.weight.t()))
+    torch.testing.assert_close(d.weights, d.probs.gather(-1, d.indices))
+    frequency = torch.bincount(d.indices[:, 0], minlength=4).float() / x.shape[0]
+    torch.testing.assert_close(frequency, clean.detach(), atol=0.015, rtol=0)  # ~4 standard errors
+    router_k2 = TopKRouter(8, 4, k=2, noise="gumbel")
+    d2 = router_k2(torch.randn(500, 8))
+    picked = d2.probs.gather(-1, d2.indices)
+    torch.testing.assert_close(d2.weights, picked / picked.sum(-1, keepdim=True))
 
 
 def test_normal_noise_scale_is_eps_over_num_experts():
@@ -166,10 +199,27 @@ def test_arguments_that_would_have_no_effect_or_bad_values_raise():
         TopKRouter(8, 4, noise_eps=0.1)
     with pytest.raises(ValueError, match="noise_eps applies"):
         TopKRouter(8, 4, noise="gumbel", noise_eps=0.1)
-    with pytest.raises(ValueError, match="init_std must be >= 0"):
+    with pytest.raises(ValueError, match="init_std must be a finite number >= 0"):
         TopKRouter(8, 4, init_std=-1.0)
     with pytest.raises(ValueError, match="cosine_dim applies to score='cosine', got score='softmax'"):
         TopKRouter(8, 4, cosine_dim=3)
+    with pytest.raises(ValueError, match="temperature applies to score='cosine'"):
+        TopKRouter(8, 4, temperature=0.5)
+    with pytest.raises(ValueError, match="per_expert_temperature applies to score='cosine'"):
+        TopKRouter(8, 4, score="sigmoid", per_expert_temperature=True)
+    with pytest.raises(ValueError, match="temperature must be >= 0.01"):
+        TopKRouter(8, 4, score="cosine", temperature=0.001)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        TopKRouter(8, 4, score="cosine", temperature=float("nan"))
+    with pytest.raises(ValueError, match="per_expert_temperature must be True or False"):
+        TopKRouter(8, 4, score="cosine", per_expert_temperature=1)
+    with pytest.raises(ValueError, match="renormalize must be True or False"):
+        TopKRouter(8, 4, renormalize="no")
+    for name, value in (("capacity_factor", float("inf")), ("capacity_factor", True), ("noise_eps", float("inf")),
+                        ("init_std", float("nan"))):
+        kwargs = {name: value, **({"noise": "normal"} if name == "noise_eps" else {})}
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            TopKRouter(8, 4, **kwargs)
     with pytest.raises(ValueError, match="floating-point input"):
         TopKRouter(8, 4)(torch.ones(3, 8, dtype=torch.long))
 

@@ -88,13 +88,19 @@ def test_forward_preserves_leading_shape(shape):
     assert moe(torch.randn(shape)).shape == (*shape[:-1], 12)
 
 
-def test_fewer_tokens_than_experts_and_empty_input():
-    moe = SparseMoE(16, 8, num_experts=32, k=2)
-    x = torch.randn(3, 16, requires_grad=True)
-    moe(x).sum().backward()
-    assert int((moe.tokens_per_expert > 0).sum()) <= 6
-    empty = moe(torch.randn(0, 16))
-    assert empty.shape == (0, 16)
+@pytest.mark.parametrize("layout", ["auto", "loop", "sorted", "padded"])
+def test_fewer_tokens_than_experts_and_empty_input(layout):
+    moe = SparseMoE(16, 8, num_experts=32, k=2, dispatch_layout=layout).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    assert_matches_reference(moe, x)  # 29 or more experts get no token and a zero gradient
+    chosen = moe.router(x).indices
+    assert torch.equal(moe.tokens_per_expert, torch.bincount(chosen.reshape(-1), minlength=32))
+    assert int(moe.tokens_per_expert.sum()) == 6
+    empty = torch.randn(0, 16, dtype=torch.float64, requires_grad=True)
+    out = moe(empty)
+    assert out.shape == (0, 16) and int(moe.tokens_per_expert.sum()) == 0
+    out.sum().backward()
+    assert empty.grad.shape == (0, 16)
 
 
 def test_aux_loss_reaches_collect_aux_loss():

@@ -182,6 +182,17 @@ def test_checkpoints_with_the_names_before_experts_local_load(results, rank):
 
 
 @ranks
+def test_a_shard_refuses_another_ranks_checkpoint(results, rank):
+    res = results[rank]["api"]
+    if rank == 0:
+        assert res["rank0_load"] == "no error"
+    else:  # rank 0's experts 0..1 would silently replace rank 1's experts 2..3
+        assert res["rank0_load"].startswith("ValueError: this checkpoint holds experts 0..1 of 4 sharded over 2 "
+                                            "ranks, but this rank's shard holds experts 2..3 of 4 over 2")
+        assert res["rank0_kept"] == 0.0
+
+
+@ranks
 def test_expert_grad_scale_can_be_set_and_is_checked(results, rank):
     res = results[rank]["api"]
     assert res["set_scale"] == 0.25
