@@ -18,9 +18,11 @@ __all__ = ["load_balance_loss", "load_balance_from_counts", "router_z_loss", "im
            "collect_aux_loss"]
 
 
-def _check_scores(name: str, scores: torch.Tensor) -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"{name} must be [T, E], got shape {tuple(scores.shape)}")
+def _token_rows(name: str, scores: torch.Tensor) -> torch.Tensor:
+    """``[..., E]`` scores as ``[T, E]`` rows; fewer than two dimensions raise."""
+    if scores.dim() < 2:
+        raise ValueError(f"{name} must be [T, E] (or [..., E]), got shape {tuple(scores.shape)}")
+    return scores.reshape(-1, scores.shape[-1])
 
 
 def _check_routing(probs: torch.Tensor, indices: torch.Tensor) -> None:
@@ -68,12 +70,14 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
     Args:
         probs: ``[T, E]`` router probabilities.
         counts: ``[E]`` assignments per expert (any numeric dtype).
-        num_assignments: the assignments ``counts`` sums to (``T * k``), > 0.
+        num_assignments: the assignments ``counts`` sums to (``T * k``), > 0 (a Python int is checked; a tensor
+            or a ``torch.compile`` SymInt is taken as it is).
     """
-    _check_scores("probs", probs)
-    # (a SymInt under torch.compile with dynamic shapes is not checked for its value: that would add a guard)
-    if isinstance(num_assignments, bool) or not isinstance(num_assignments, (int, torch.SymInt)) or \
-            (isinstance(num_assignments, int) and num_assignments < 1):
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [T, E], got shape {tuple(probs.shape)}")
+    # Python ints are checked; a SymInt (torch.compile, dynamic shapes) or a tensor is taken as it is.
+    if isinstance(num_assignments, bool) or (isinstance(num_assignments, int) and num_assignments < 1) or \
+            not isinstance(num_assignments, (int, torch.SymInt, torch.Tensor)):
         raise ValueError(f"num_assignments must be a positive integer (T * k), got {num_assignments!r}")
     num_experts = probs.shape[-1]
     if counts.shape != (num_experts,):
@@ -83,8 +87,8 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss ``mean_t (logsumexp_e logits[t, e])^2``; ``logits`` is ``[T, E]``."""
-    _check_scores("logits", logits)
+    """ST-MoE router z-loss ``mean_t (logsumexp_e logits[t, e])^2``; ``logits`` is ``[T, E]`` (or ``[..., E]``)."""
+    logits = _token_rows("logits", logits)
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
@@ -126,8 +130,8 @@ def importance_load_loss(probs: torch.Tensor, indices: torch.Tensor, *,
 
 
 def router_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy ``-sum_e p log p`` of ``[T, E]`` router probabilities (nats)."""
-    _check_scores("probs", probs)
+    """Mean per-token entropy ``-sum_e p log p`` of ``[T, E]`` (or ``[..., E]``) router probabilities (nats)."""
+    probs = _token_rows("probs", probs)
     if probs.shape[0] == 0:
         return probs.new_zeros((), dtype=torch.float32)
     p = probs.float()

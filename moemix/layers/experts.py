@@ -69,10 +69,10 @@ class GroupedExperts(RoutedExperts):
         for name, value in (("num_experts", num_experts), ("in_features", in_features),
                             ("hidden_features", hidden_features), ("out_features", out_features)):
             check_positive_int(name, value)
-        check_bool("glu", glu)
+        glu = check_bool("glu", glu)
         bias1, bias2 = as_pair("bias", bias)
-        check_bool("bias[0]" if isinstance(bias, (tuple, list)) else "bias", bias1)
-        check_bool("bias[1]" if isinstance(bias, (tuple, list)) else "bias", bias2)
+        bias1 = check_bool("bias[0]" if isinstance(bias, (tuple, list)) else "bias", bias1)
+        bias2 = check_bool("bias[1]" if isinstance(bias, (tuple, list)) else "bias", bias2)
         drop1, drop2 = as_pair("drop", drop)
         paired = isinstance(drop, (tuple, list))
         check_probability("drop[0]" if paired else "drop", drop1)

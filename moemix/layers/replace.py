@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Union
 
 from torch import nn
 
-from moemix.layers._validate import check_bool, check_positive_int
+from moemix.layers._validate import check_bool, is_integer
 from moemix.layers.sparse_moe import SparseMoE
 
 __all__ = ["replace_mlp_with_moe"]
@@ -39,8 +39,10 @@ def _matches(name: str, pattern: Union[str, Sequence[str]]) -> Optional[str]:
     return None
 
 
-# SparseMoE keywords each replaced FFN determines (its widths, device and dtype).
+# SparseMoE keywords each replaced FFN determines (its widths, device and dtype), and those that must match it for
+# its weights to be copied into the experts (another activation or form would silently change the function).
 _FROM_DENSE = frozenset({"in_features", "hidden_features", "out_features", "device", "dtype"})
+_COPIED = frozenset({"act_layer", "glu", "bias"})
 
 
 def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], every: Optional[int]) -> List[str]:
@@ -69,14 +71,15 @@ def _select_targets(model: nn.Module, pattern, blocks: Optional[Sequence[int]], 
     depth = len(stack)
     if blocks is None:
         every = 2 if every is None else every
-        check_positive_int("every", every)
+        if not (is_integer(every) and every >= 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
         blocks = [i for i in range(depth) if i % every == every - 1]  # V-MoE "every other layer": 1, 3, 5, ...
     for i in blocks:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if not is_integer(i):
             raise ValueError(f"blocks must hold integer block indices, got {i!r}")
         if not -depth <= i < depth:
             raise ValueError(f"blocks contains {i}, but the model has {depth} blocks")
-    return [f"blocks.{i % depth}.mlp" for i in sorted({i % depth for i in blocks})]
+    return [f"blocks.{i % depth}.mlp" for i in sorted({int(i) % depth for i in blocks})]
 
 
 def replace_mlp_with_moe(
@@ -111,10 +114,12 @@ def replace_mlp_with_moe(
         The names of the replaced modules. Each new layer takes its FFN's train/eval mode; if any target
         cannot be converted, a ``ValueError`` names it and the model is left unchanged.
     """
-    check_bool("copy_weights", copy_weights)
-    reserved = sorted(set(moe_kwargs) & _FROM_DENSE)
+    copy_weights = check_bool("copy_weights", copy_weights)
+    reserved = sorted(set(moe_kwargs) & (_FROM_DENSE | (_COPIED if copy_weights else frozenset())))
     if reserved:
-        raise ValueError(f"replace_mlp_with_moe takes {reserved} from each dense FFN; leave them out of its keywords")
+        when = " with copy_weights=True" if set(reserved) & _COPIED else ""
+        raise ValueError(f"replace_mlp_with_moe takes {reserved} from each dense FFN{when}; leave them out of its "
+                         "keywords")
     names = _select_targets(model, pattern, blocks, every)
     if not names:
         raise ValueError("replace_mlp_with_moe matched no module; check pattern/blocks")

@@ -7,7 +7,8 @@ use; method-specific scoring plugs in through ``score`` or an override of ``TopK
 References:
     Shazeer et al. 2017, "Outrageously Large Neural Networks" (noisy top-k gating).
     Fedus et al. 2021, "Switch Transformers" (input jitter, capacity factor).
-    Zoph et al. 2022, "ST-MoE" (router in fp32, z-loss); DeepSpeed-MoE "RSample" (Gumbel noise on the choice).
+    Zoph et al. 2022, "ST-MoE" (router in fp32, z-loss).
+    Lepikhin et al. 2021, "GShard" (sampled second expert); DeepSpeed-MoE "RSample" (Gumbel noise on the choice).
     Chi et al. 2022, "X-MoE" (cosine router with a learnable temperature); Cong et al. 2023, "GNT-MOVE"
     (cosine router with a learnable temperature per expert).
     Jiang et al. 2024, "Mixtral of Experts" (softmax, top-k, renormalise).
@@ -42,8 +43,8 @@ class RoutingDecision:
             noise only perturbs the choice, not these); float64 for float64 tokens.
         probs: ``[T, E]`` scores over all experts (softmax / sigmoid of ``logits``), in ``logits``' dtype.
         weights: ``[T, k]`` combine weights of the chosen experts, taken from ``probs`` (zero where dropped).
-        indices: ``[T, k]`` int64 expert ids, sorted by descending score per token (by the Gumbel-perturbed
-            score while training with ``noise="gumbel"``).
+        indices: ``[T, k]`` int64 expert ids, sorted by descending score per token (while training with
+            ``noise="gumbel"``: the top choice, then the sampled ones by their perturbed score).
         kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
         capacity: tokens each expert may take, or None in dropless mode.
         num_dropped: number of dropped assignments (0 in dropless mode); reading it waits for the
@@ -95,10 +96,12 @@ class TopKRouter(nn.Module):
             (cosine similarity between L2-normalised projected tokens and expert embeddings divided by a
             learnable temperature, as X-MoE/tutel/GNT-MOVE; softmax on top). Defaults to ``"softmax"``.
         noise: training-time noise: ``None``; ``"jitter"`` multiplies the input by U(1-eps, 1+eps)
-            (Switch/megablocks); ``"gumbel"`` picks the top-k by logits + Gumbel(0, 1), i.e. samples k experts
-            without replacement from the softmax, while the weights, ``probs`` and ``logits`` stay the clean
-            ones (DeepSpeed "RSample", Mesh-TensorFlow's sampled Switch policy); ``"normal"`` adds
-            N(0, (eps / E)^2) to the logits, weights included (tutel, GNT-MOVE). Defaults to None.
+            (Switch/megablocks); ``"gumbel"`` samples the choice with the Gumbel-max trick on the logits (the
+            softmax's distribution, whatever ``score``): with ``k = 1`` the expert (DeepSpeed "RSample",
+            Mesh-TensorFlow's sampled Switch policy), with ``k > 1`` the experts after the clean top one (GShard's
+            sampled second expert, DeepSpeed's and fairseq's top-2 gates); the weights, ``probs`` and ``logits``
+            stay the clean ones; ``"normal"`` adds N(0, (eps / E)^2) to the logits, weights included (tutel,
+            GNT-MOVE). Defaults to None.
         noise_eps: jitter width or normal-noise scale (only with those two). Defaults to 1e-2 for jitter,
             1.0 for normal.
         renormalize: divide the k weights by their sum (Mixtral). Defaults to True for ``k > 1`` and
@@ -145,8 +148,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
         check_choice("score", score, SCORE_FUNCTIONS)
         check_choice("noise", noise, NOISE_TYPES)
-        check_optional_bool("renormalize", renormalize)
-        check_bool("per_expert_temperature", per_expert_temperature)
+        renormalize = check_optional_bool("renormalize", renormalize)
+        per_expert_temperature = check_bool("per_expert_temperature", per_expert_temperature)
         if noise_eps is not None and noise not in ("jitter", "normal"):
             raise ValueError(f"noise_eps applies to noise='jitter' or 'normal', got noise={noise!r}")
         if noise_eps is None:
@@ -193,22 +196,27 @@ class TopKRouter(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_experts, in_features, **dd))
             self.register_parameter("log_inv_temperature", None)
         self.init_std = init_std
-        self.reset_parameters()
+        self._reset_gate()  # the projection was just initialised by nn.Linear
 
     def reset_parameters(self) -> None:
+        """Re-initialise the gate: its weights, and for ``"cosine"`` the projection and the temperature."""
+        if self.proj is not None:
+            self.proj.reset_parameters()
+        self._reset_gate()
+
+    def _reset_gate(self) -> None:
         if self.init_std is not None:
             nn.init.normal_(self.weight, std=self.init_std)
         else:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-        if self.proj is not None:
-            self.proj.reset_parameters()
+        if self.log_inv_temperature is not None:
             with torch.no_grad():
                 self.log_inv_temperature.fill_(-math.log(self.temperature))
 
     def extra_repr(self) -> str:
         cf = f", capacity_factor={self.capacity_factor}" if self.capacity_factor else ""
         temperature = "" if self.proj is None else \
-            f", temperature={self.temperature} ({self.log_inv_temperature.numel()} learnable)"
+            f", initial temperature={self.temperature} ({self.log_inv_temperature.numel()} learnable)"
         return (f"{self.in_features}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}{temperature}, "
                 f"noise={self.noise!r}, renormalize={self.renormalize}{cf}")
 
@@ -245,7 +253,7 @@ class TopKRouter(nn.Module):
             logits = self.compute_logits(x)
             probs = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, dim=-1)
             if self.training and self.noise == "gumbel":  # sample the choice; the weights stay the clean scores
-                indices = torch.topk(logits + _gumbel_like(logits), self.k, dim=-1).indices
+                indices = _gumbel_choice(logits, self.k)
                 weights = probs.gather(-1, indices)
             else:
                 weights, indices = torch.topk(probs, self.k, dim=-1)
@@ -265,10 +273,18 @@ class TopKRouter(nn.Module):
         return decision
 
 
-def _gumbel_like(logits: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel(0, 1) noise shaped like ``logits``."""
+def _gumbel_choice(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T, k]`` experts drawn with the Gumbel-max trick: for ``k = 1`` the argmax of logits + Gumbel(0, 1), a
+    draw from the softmax (DeepSpeed "RSample"); for ``k > 1`` the clean top choice first, then the other
+    ``k - 1`` drawn without replacement from the softmax over the rest (GShard's sampled second expert, as
+    DeepSpeed's and fairseq's top-2 gates)."""
     u = torch.rand_like(logits).clamp_(min=1e-20)  # [0, 1) -> -log(u) > 0
-    return -torch.log((-torch.log(u)).clamp(min=1e-20))
+    noisy = logits - torch.log((-torch.log(u)).clamp(min=1e-20))  # + Gumbel(0, 1)
+    if k == 1:
+        return noisy.argmax(dim=-1, keepdim=True)
+    first = logits.argmax(dim=-1, keepdim=True)
+    rest = noisy.scatter(-1, first, float("-inf")).topk(k - 1, dim=-1).indices
+    return torch.cat([first, rest], dim=-1)
 
 
 def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:

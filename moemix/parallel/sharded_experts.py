@@ -17,6 +17,7 @@ counts first, then a variable-size ``all_to_all_single``, dropless).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -64,8 +65,8 @@ def _received_rows_decision(recv_counts: torch.Tensor, num_local: int, rows: int
 
 def check_expert_grad_scale(value: float) -> float:
     """``value`` as a float if it is a number > 0, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"expert_grad_scale must be a number > 0 (None at construction: 1 / world size), "
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"expert_grad_scale must be a finite number > 0 (None at construction: 1 / world size), "
                          f"got {value!r}")
     return float(value)
 
@@ -213,29 +214,45 @@ class ShardedExperts(RoutedExperts):
         y_recv = scale_grad(y_recv, s)
         return all_to_all(y_recv, input_splits, output_splits, self.group)
 
-    def get_extra_state(self) -> dict:
-        """Which experts this shard holds, saved with it so that it cannot load into another rank's shard."""
-        return {"num_experts": self.num_experts, "world_size": self.world_size,
-                "local_experts": [self.local_expert_range.start, self.local_expert_range.stop]}
+    def get_extra_state(self) -> torch.Tensor:
+        """Which experts this shard holds, ``int64 [num_experts, world_size, first, end]``, saved with it so that
+        it cannot load into another rank's shard (:meth:`_load_from_state_dict` checks it)."""
+        first, end = self.local_expert_range.start, self.local_expert_range.stop
+        return torch.tensor([self.num_experts, self.world_size, first, end], dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        if state != self.get_extra_state():
-            raise ValueError(
-                f"this checkpoint holds experts {state['local_experts'][0]}..{state['local_experts'][1] - 1} of "
-                f"{state['num_experts']} sharded over {state['world_size']} ranks, but this rank's shard holds "
-                f"experts {self.local_expert_range.start}..{self.local_expert_range.stop - 1} of {self.num_experts} "
-                f"over {self.world_size}; load each rank's own checkpoint (a checkpoint written by rank 0 only, "
-                "Lightning's default, lacks the other ranks' experts)")
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        pass  # checked, before anything of this shard loads, in _load_from_state_dict
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # Per-rank checkpoints of expert-parallel layers saved before the experts moved under ``local.``.
         local_names = [name for name, _ in self.local.named_parameters()] + [n for n, _ in self.local.named_buffers()]
         for name in local_names:
             if prefix + name in state_dict and prefix + "local." + name not in state_dict:
                 state_dict[prefix + "local." + name] = state_dict.pop(prefix + name)
-        # Checkpoints without the shard's range (older ones, single-process ones sliced by hand) are trusted.
-        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Checkpoints without the shard's record (older ones, single-process ones sliced by hand) are trusted.
+        record = state_dict.get(prefix + "_extra_state")
+        if record is not None and not self._holds(record):
+            error_msgs.append(
+                f"{prefix}_extra_state: the checkpoint's shard holds {self._describe(record)}, this rank's shard "
+                f"{self._describe(self.get_extra_state())}; its experts were not loaded. Load each rank's own "
+                "checkpoint (one written by rank 0 only, Lightning's default, lacks the other ranks' experts)")
+            for key in [k for k in state_dict if k.startswith(prefix + "local.")]:
+                del state_dict[key]  # reported missing (strict) instead of loading another rank's experts
+        state_dict[prefix + "_extra_state"] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _holds(self, record) -> bool:
+        """Whether ``record`` (:meth:`get_extra_state` of the saving shard) describes this shard."""
+        return isinstance(record, torch.Tensor) and record.tolist() == self.get_extra_state().tolist()
+
+    @staticmethod
+    def _describe(record) -> str:
+        if not (isinstance(record, torch.Tensor) and record.numel() == 4):
+            return f"an unreadable record {record!r}"
+        num_experts, world_size, first, end = record.tolist()
+        return f"experts {first}..{end - 1} of {num_experts} sharded over {world_size} ranks"
 
     def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:

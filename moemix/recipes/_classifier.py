@@ -63,8 +63,8 @@ def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, mo
                            moe_aux_loss_coef, with_moe: bool) -> None:
     """Raise naming the ``--model.*`` option for values the optimiser or (``with_moe``) the MoE layers cannot use."""
     problems = [
-        ("lr", lr, not lr > 0, "> 0"),
-        ("weight_decay", weight_decay, not weight_decay >= 0, ">= 0"),
+        ("lr", lr, not 0 < lr < math.inf, "a finite number > 0"),
+        ("weight_decay", weight_decay, not 0 <= weight_decay < math.inf, "a finite number >= 0"),
         ("warmup_epochs", warmup_epochs, not (isinstance(warmup_epochs, int) and warmup_epochs >= 0), "an int >= 0"),
         ("min_lr_factor", min_lr_factor, not 0 <= min_lr_factor <= 1, "in [0, 1]"),
         ("moe_every", moe_every, moe_every is not None and not (isinstance(moe_every, int) and moe_every >= 1),
@@ -75,7 +75,7 @@ def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, mo
             ("num_experts", num_experts, not (isinstance(num_experts, int) and num_experts >= 1), "an int >= 1"),
             ("moe_k", moe_k, not (isinstance(moe_k, int) and 1 <= moe_k <= num_experts),
              f"an int in [1, model.num_experts={num_experts}]"),
-            ("moe_aux_loss_coef", moe_aux_loss_coef, not moe_aux_loss_coef >= 0, ">= 0"),
+            ("moe_aux_loss_coef", moe_aux_loss_coef, not 0 <= moe_aux_loss_coef < math.inf, "a finite number >= 0"),
         ]
     for name, value, bad, expected in problems:
         if bad:

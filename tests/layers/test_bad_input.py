@@ -81,6 +81,16 @@ def test_grouped_experts_flags_must_be_booleans(kwargs, match):
         GroupedExperts(2, 8, 16, **kwargs)
 
 
+def test_numpy_booleans_and_zero_dim_tensor_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    from moemix.layers import SparseMoE
+    experts = GroupedExperts(2, 8, 16, glu=np.bool_(True), bias=(np.bool_(True), False))
+    assert experts.glu is True and experts.b1 is not None and experts.b2 is None
+    moe = SparseMoE(8, 16, num_experts=2, aux_loss_coef=torch.tensor(0.5), drop=np.float32(0.0))
+    moe(torch.randn(3, 8))
+    torch.testing.assert_close(moe.aux_loss, 0.5 * moe.aux_losses["loss_balance"] + 1e-3 * moe.aux_losses["loss_z"])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(aux_loss_coef=float("inf")), "aux_loss_coef must be a finite number >= 0"),
     (dict(z_loss_coef=float("nan")), "z_loss_coef must be a finite number >= 0"),

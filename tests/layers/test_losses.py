@@ -74,6 +74,8 @@ def test_score_losses_want_t_by_e_and_a_positive_assignment_count():
         for bad in (torch.rand(3), torch.tensor(1.0)):
             with pytest.raises(ValueError, match=f"{name} must be \\[T, E\\]"):
                 loss(bad)
+        batched = torch.rand(2, 5, 3)  # [..., E] is taken as its rows
+        torch.testing.assert_close(loss(batched), loss(batched.reshape(10, 3)))
     probs = torch.rand(4, 3)
     with pytest.raises(ValueError, match="num_assignments must be a positive integer"):
         load_balance_from_counts(probs, torch.tensor([1, 2, 1]), 0)

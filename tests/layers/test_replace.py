@@ -95,6 +95,8 @@ def test_bad_targets_raise():
     (dict(copy_weights="yes"), "copy_weights must be True or False"),
     (dict(hidden_features=4), r"takes \['hidden_features'\] from each dense FFN"),
     (dict(dtype=torch.float64), r"takes \['dtype'\] from each dense FFN"),
+    (dict(copy_weights=True, act_layer="relu", glu=True), r"takes \['act_layer', 'glu'\] from each dense FFN with "
+                                                          r"copy_weights=True"),
 ])
 def test_bad_selectors_and_keywords_raise_naming_the_argument(kwargs, match):
     model = _vit()
@@ -102,6 +104,15 @@ def test_bad_selectors_and_keywords_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         replace_mlp_with_moe(model, **kwargs)
     assert [type(block.mlp) for block in model.blocks] == before
+
+
+def test_numpy_block_indices_and_other_experts_without_copied_weights():
+    np = pytest.importorskip("numpy")
+    model = _vit()
+    names = replace_mlp_with_moe(model, blocks=np.arange(0, 2), every=None, num_experts=2, act_layer="relu")
+    assert names == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert isinstance(model.blocks[0].mlp.experts.act, nn.ReLU)  # without copy_weights the experts may differ
+    assert replace_mlp_with_moe(_vit(), every=np.int64(2), num_experts=2) == ["blocks.1.mlp", "blocks.3.mlp"]
 
 
 def test_vit_with_moe_trains_and_loss_falls():

@@ -83,21 +83,31 @@ def test_noise_only_in_training(noise):
 
 
 def test_gumbel_noise_samples_the_choice_from_the_softmax_and_keeps_clean_weights():
-    """DeepSpeed "RSample" / Mesh-TensorFlow's sampled Switch policy: top-k of logits + Gumbel(0, 1) draws
-    experts from softmax(logits); the combine weights are the clean probabilities of the drawn experts."""
+    """k = 1: DeepSpeed "RSample", the expert drawn from softmax(logits); k > 1: the clean top choice, then the
+    others drawn from the softmax over the rest (GShard's sampled second expert). Weights stay the clean scores."""
     torch.manual_seed(0)
     router = TopKRouter(8, 4, k=1, noise="gumbel")
     x = torch.randn(1, 8).expand(20000, 8)
-    clean = torch.softmax(x[:1] @ router.weight.t(), dim=-1)[0]
+    clean = torch.softmax(x[:1] @ router.weight.t(), dim=-1)[0].detach()
     d = router(x)
-    torch.testing.assert_close(d.logits, (x @ router.weight.t()))
+    torch.testing.assert_close(d.logits, x @ router.weight.t())
     torch.testing.assert_close(d.weights, d.probs.gather(-1, d.indices))
     frequency = torch.bincount(d.indices[:, 0], minlength=4).float() / x.shape[0]
-    torch.testing.assert_close(frequency, clean.detach(), atol=0.015, rtol=0)  # ~4 standard errors
+    torch.testing.assert_close(frequency, clean, atol=0.015, rtol=0)  # about 4 standard errors
+
     router_k2 = TopKRouter(8, 4, k=2, noise="gumbel")
-    d2 = router_k2(torch.randn(500, 8))
+    router_k2.weight.data.copy_(router.weight.data)
+    d2 = router_k2(x)
+    top = int(clean.argmax())
+    assert (d2.indices[:, 0] == top).all()
+    second = torch.bincount(d2.indices[:, 1], minlength=4).float() / x.shape[0]
+    expected = clean.clone()
+    expected[top] = 0
+    torch.testing.assert_close(second, expected / expected.sum(), atol=0.015, rtol=0)
     picked = d2.probs.gather(-1, d2.indices)
     torch.testing.assert_close(d2.weights, picked / picked.sum(-1, keepdim=True))
+    assert TopKRouter(8, 4, k=4, noise="gumbel")(torch.randn(5, 8)).indices.sort(-1).values.eq(
+        torch.arange(4)).all()  # k = E: every expert once
 
 
 def test_normal_noise_scale_is_eps_over_num_experts():

@@ -304,13 +304,13 @@ def api(rank: int, world_size: int) -> dict:
     torch.manual_seed(2)
     target = ExpertParallelMoE(D, H, num_experts=4, glu=True)
     load = target.load_state_dict(old_names)
-    restored = max(_max_diff(v, source.state_dict()[k]) for k, v in target.state_dict().items()
-                   if isinstance(v, torch.Tensor))
+    restored = max(_max_diff(v, source.state_dict()[k]) for k, v in target.state_dict().items())
     target.expert_grad_scale = 0.25
     rank0_state = [source.state_dict() if rank == 0 else None]  # what Lightning's rank-0 checkpoint holds
     dist.broadcast_object_list(rank0_state, src=0)
     before = copy.deepcopy(target.state_dict())
     rank0_load = _message(lambda: target.load_state_dict(rank0_state[0]))
+    rank0_load_loose = _message(lambda: target.load_state_dict(rank0_state[0], strict=False))
     rank0_kept = max(_max_diff(v, before[k]) for k, v in target.state_dict().items()
                      if k.startswith("experts.local.")) if rank else None
 
@@ -329,7 +329,8 @@ def api(rank: int, world_size: int) -> dict:
         "old_names_missing": list(load.missing_keys), "old_names_unexpected": list(load.unexpected_keys),
         "old_names_restored": restored, "set_scale": target.experts.expert_grad_scale,
         "bad_scale": _message(lambda: setattr(target, "expert_grad_scale", 0.0)),
-        "rank0_load": rank0_load, "rank0_kept": rank0_kept,
+        "inf_scale": _message(lambda: setattr(target, "expert_grad_scale", float("inf"))),
+        "rank0_load": rank0_load, "rank0_load_loose": rank0_load_loose, "rank0_kept": rank0_kept,
     }
 
 

@@ -121,7 +121,8 @@ def test_resume_with_a_longer_schedule_warns(tmp_path):
      r"model\.moe_k must be an int in \[1, model\.num_experts=2\]"),
     (["--model.moe_every", "40"], r"model\.moe_every=40.*matched no module"),
     (["--model.warmup_epochs", "-1"], r"model\.warmup_epochs must be an int >= 0"),
-    (["--model.weight_decay", "-1"], r"model\.weight_decay must be >= 0"),
+    (["--model.weight_decay", "-1"], r"model\.weight_decay must be a finite number >= 0"),
+    (["--model.lr", "inf"], r"model\.lr must be a finite number > 0"),
 ])
 def test_bad_optimiser_and_moe_values_name_the_option(args, message, tmp_path):
     with pytest.raises(ValueError, match=message):
