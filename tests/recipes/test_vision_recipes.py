@@ -122,11 +122,20 @@ def test_resume_with_a_longer_schedule_warns(tmp_path):
     (["--model.moe_every", "40"], r"model\.moe_every=40.*matched no module"),
     (["--model.warmup_epochs", "-1"], r"model\.warmup_epochs must be an int >= 0"),
     (["--model.weight_decay", "-1"], r"model\.weight_decay must be a finite number >= 0"),
-    (["--model.lr", "inf"], r"model\.lr must be a finite number > 0"),
 ])
 def test_bad_optimiser_and_moe_values_name_the_option(args, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         run("vit_transmix", tmp_path, "fit", "--trainer.fast_dev_run", "1", *args)
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "moe_aux_loss_coef"])
+def test_infinite_coefficients_from_python_name_the_option(name):
+    from moemix.recipes._classifier import _check_hyperparameters
+    values = dict(lr=1e-3, weight_decay=0.05, warmup_epochs=0, min_lr_factor=0.0, moe_every=2, num_experts=4, moe_k=2,
+                  moe_aux_loss_coef=0.01)  # (the command line's float parser refuses "inf" itself)
+    _check_hyperparameters(**values, with_moe=True)
+    with pytest.raises(ValueError, match=f"model\\.{name} must be a finite number"):
+        _check_hyperparameters(**{**values, name: float("inf")}, with_moe=True)
 
 
 def test_moe_options_are_checked_only_with_moe_blocks():
