@@ -91,7 +91,21 @@ def main(out_dir: str) -> None:
         result.setdefault("max_diff", 0.0)
         result["max_diff"] = max(result["max_diff"], (param.detach() - ref).abs().max().item())
         result["moved"] = max(result["moved"], (param.detach() - init).abs().max().item())
+    result["rank0_checkpoint_load"] = _load_rank0_checkpoint(trainer, out_dir)
     torch.save(result, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def _load_rank0_checkpoint(trainer: L.Trainer, out_dir: str) -> str:
+    """Lightning's checkpoint (written by rank 0 only) loaded into a fresh sharded model on every rank."""
+    path = os.path.join(out_dir, "lightning.ckpt")
+    trainer.save_checkpoint(path)  # rank 0 writes, every rank waits
+    fresh = TinyMoEModel()
+    fresh.configure_model()
+    try:
+        fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    except RuntimeError as err:
+        return f"RuntimeError: {err}"
+    return "no error"
 
 
 if __name__ == "__main__":

@@ -45,3 +45,10 @@ def test_replicated_weights_stay_equal_and_expert_shards_differ_across_ranks(ran
         assert torch.equal(value, second["replicated"][name]), name
     for name, value in first["experts"].items():
         assert not torch.allclose(value, second["experts"][name]), name
+
+
+def test_lightnings_rank0_checkpoint_loads_on_rank_0_and_is_refused_on_rank_1(ranks):
+    first, second = ranks
+    assert first["rank0_checkpoint_load"] == "no error"
+    assert "net.1.experts._extra_state: the checkpoint's shard holds experts 0..1 of 4 sharded over 2 ranks, " \
+           "this rank's shard experts 2..3" in second["rank0_checkpoint_load"]
