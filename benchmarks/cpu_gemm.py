@@ -78,6 +78,9 @@ def row(case: str, product: str, entry: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=",".join(c.name for c in CONFIGS))
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows per expert to time instead of each configuration's balanced count "
+                        "(cases named <config>@<rows>; the padded comparison is left out)")
     p.add_argument("--repeats", type=int, default=41)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -92,9 +95,11 @@ def main() -> None:
                               "cpu": cpu_description()}}
     lines = ["| case | product | shape | mm ms | onednn ms | mm / onednn |", "|---" * 6 + "|"]
     print("\n".join(lines))
-    for name in args.configs.split(","):
-        cfg = by_name[name]
-        rows = cfg.T * cfg.k // cfg.E
+    cases = [(name, by_name[name], by_name[name].T * by_name[name].k // by_name[name].E)
+             for name in args.configs.split(",")]
+    if args.rows:
+        cases = [(f"{name}@{rows}", cfg, rows) for name, cfg, _ in cases for rows in map(int, args.rows.split(","))]
+    for name, cfg, rows in cases:
         g = torch.Generator().manual_seed(0)
         case = results[name] = {}
         for product, (a, b) in loop_products(rows, cfg.H, g).items():
