@@ -9,6 +9,7 @@ References:
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -70,14 +71,14 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
     Args:
         probs: ``[T, E]`` router probabilities.
         counts: ``[E]`` assignments per expert (any numeric dtype).
-        num_assignments: the assignments ``counts`` sums to (``T * k``), > 0 (a Python int is checked; a tensor
+        num_assignments: the assignments ``counts`` sums to (``T * k``), > 0 (an integer is checked; a tensor
             or a ``torch.compile`` SymInt is taken as it is).
     """
     if probs.dim() != 2:
         raise ValueError(f"probs must be [T, E], got shape {tuple(probs.shape)}")
-    # Python ints are checked; a SymInt (torch.compile, dynamic shapes) or a tensor is taken as it is.
-    if isinstance(num_assignments, bool) or (isinstance(num_assignments, int) and num_assignments < 1) or \
-            not isinstance(num_assignments, (int, torch.SymInt, torch.Tensor)):
+    # Python and NumPy integers are checked; a SymInt (torch.compile, dynamic shapes) or a tensor is taken as it is.
+    integer = isinstance(num_assignments, numbers.Integral) and not isinstance(num_assignments, bool)
+    if (integer and num_assignments < 1) or not (integer or isinstance(num_assignments, (torch.SymInt, torch.Tensor))):
         raise ValueError(f"num_assignments must be a positive integer (T * k), got {num_assignments!r}")
     num_experts = probs.shape[-1]
     if counts.shape != (num_experts,):

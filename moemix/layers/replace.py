@@ -108,7 +108,9 @@ def replace_mlp_with_moe(
             scores renormalised, the default for ``k > 1``), nothing is dropped (no ``capacity_factor``) and
             there is no shared expert; with ``k = 1`` (weight = top probability, Switch) each token's output
             is the dense one times that probability. Defaults to False.
-        **moe_kwargs: forwarded to :class:`SparseMoE` (``num_experts``, ``k``, ``aux_loss_coef``, ...).
+        **moe_kwargs: forwarded to :class:`SparseMoE` (``num_experts``, ``k``, ``aux_loss_coef``, ...); each FFN
+            gives ``in_features``, ``hidden_features``, ``out_features``, ``device`` and ``dtype``, and with
+            ``copy_weights`` also ``act_layer``, ``glu`` and ``bias``, so those raise a ``ValueError`` here.
 
     Returns:
         The names of the replaced modules. Each new layer takes its FFN's train/eval mode; if any target

@@ -44,7 +44,8 @@ class RoutingDecision:
         probs: ``[T, E]`` scores over all experts (softmax / sigmoid of ``logits``), in ``logits``' dtype.
         weights: ``[T, k]`` combine weights of the chosen experts, taken from ``probs`` (zero where dropped).
         indices: ``[T, k]`` int64 expert ids, sorted by descending score per token (while training with
-            ``noise="gumbel"``: the top choice, then the sampled ones by their perturbed score).
+            ``noise="gumbel"``: the sampled expert for ``k = 1``; else the top choice, then the sampled ones by
+            their perturbed score).
         kept: ``[T, k]`` bool, False for assignments dropped by the capacity limit, else None.
         capacity: tokens each expert may take, or None in dropless mode.
         num_dropped: number of dropped assignments (0 in dropless mode); reading it waits for the

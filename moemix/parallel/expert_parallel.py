@@ -49,8 +49,8 @@ class ExpertParallelMoE(SparseMoE):
         ``[..., in_features] -> [..., out_features]``; ranks may hold different token counts, including 0.
 
     Raises:
-        ValueError: ``num_experts`` not divisible by the group's world size, or ``expert_grad_scale <= 0``
-            (checked before the full layer is allocated).
+        ValueError: ``num_experts`` not divisible by the group's world size, or ``expert_grad_scale`` not a
+            finite number > 0 (checked before the full layer is allocated).
         RuntimeError: ``torch.distributed`` is not initialised.
     """
 

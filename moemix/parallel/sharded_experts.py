@@ -64,7 +64,7 @@ def _received_rows_decision(recv_counts: torch.Tensor, num_local: int, rows: int
 
 
 def check_expert_grad_scale(value: float) -> float:
-    """``value`` as a float if it is a number > 0, else ``ValueError``."""
+    """``value`` as a float if it is a finite number > 0, else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"expert_grad_scale must be a finite number > 0 (None at construction: 1 / world size), "
                          f"got {value!r}")
@@ -118,7 +118,7 @@ class ShardedExperts(RoutedExperts):
 
     Raises:
         ValueError: ``num_experts`` not divisible by the group's world size, ``local`` not holding
-            ``num_experts / W`` experts, or ``expert_grad_scale <= 0``.
+            ``num_experts / W`` experts, or ``expert_grad_scale`` not a finite number > 0.
         RuntimeError: ``torch.distributed`` is not initialised.
     """
 

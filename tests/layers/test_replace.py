@@ -97,6 +97,7 @@ def test_bad_targets_raise():
     (dict(dtype=torch.float64), r"takes \['dtype'\] from each dense FFN"),
     (dict(copy_weights=True, act_layer="relu", glu=True), r"takes \['act_layer', 'glu'\] from each dense FFN with "
                                                           r"copy_weights=True"),
+    (dict(copy_weights=True, bias=False), r"takes \['bias'\] from each dense FFN with copy_weights=True"),
 ])
 def test_bad_selectors_and_keywords_raise_naming_the_argument(kwargs, match):
     model = _vit()

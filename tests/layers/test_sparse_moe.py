@@ -92,7 +92,7 @@ def test_forward_preserves_leading_shape(shape):
 def test_fewer_tokens_than_experts_and_empty_input(layout):
     moe = SparseMoE(16, 8, num_experts=32, k=2, dispatch_layout=layout).double()
     x = torch.randn(3, 16, dtype=torch.float64)
-    assert_matches_reference(moe, x)  # 29 or more experts get no token and a zero gradient
+    assert_matches_reference(moe, x)  # 26 or more experts get no token and a zero gradient
     chosen = moe.router(x).indices
     assert torch.equal(moe.tokens_per_expert, torch.bincount(chosen.reshape(-1), minlength=32))
     assert int(moe.tokens_per_expert.sum()) == 6
