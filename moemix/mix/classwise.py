@@ -51,12 +51,16 @@ class ClasswiseMixup:
         per_class: one lam per class pair (True) or one for all (False). Defaults to True.
         return_info: also return the record. Defaults to False.
         generator: optional ``torch.Generator``.
+
+    Setting the attribute ``enabled`` to False (``MixSchedule(off_epoch=...)`` does) keeps every class's own
+    prototype and embedding (``lam = 1``, still renormalised).
     """
 
     def __init__(self, alpha: float = 1.0, *, per_class: bool = True, return_info: bool = False,
                  generator: torch.Generator | None = None) -> None:
         check_alpha("alpha", alpha)
         self.alpha, self.per_class, self.return_info, self.generator = float(alpha), per_class, return_info, generator
+        self.enabled = True  # False: lam = 1, each class keeps its own (renormalised) prototype and embedding
 
     def __call__(self, prototypes: torch.Tensor, embeddings: torch.Tensor):
         check_float_tensor("prototypes", prototypes)
@@ -68,6 +72,8 @@ class ClasswiseMixup:
         perm = pair_indices(c, "random", generator=self.generator).cpu()
         lam = sample_beta(self.alpha, self.alpha, c if self.per_class else 1, generator=self.generator, device="cpu")
         lam = lam.expand(c).clone() if not self.per_class else lam
+        if not self.enabled:
+            lam = torch.ones_like(lam)
         w = lam.unsqueeze(1)
         r = F.normalize(torch.lerp(prototypes[perm], prototypes, w.to(prototypes)), dim=-1)
         t = F.normalize(torch.lerp(embeddings[perm], embeddings, w.to(embeddings)), dim=-1)

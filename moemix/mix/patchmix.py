@@ -34,7 +34,8 @@ class PatchMix:
         grid: ``(gh, gw)`` patch grid, e.g. ``(14, 14)`` for 16-px patches at 224. Defaults to (14, 14).
         ratio: fixed fraction of patches to replace, or None to draw it per sample. Defaults to None.
         ratio_range: ``(low, high)`` of the uniform draw when ``ratio`` is None. Defaults to (0, 1).
-        prob: probability of mixing each sample. Defaults to 1.0.
+        prob: probability of mixing each sample. Defaults to 1.0. Setting the attribute ``enabled`` to False
+            (``MixSchedule(off_epoch=...)`` does) passes batches through with their soft targets.
         label_smoothing: eps for index labels. Defaults to 0.0.
         num_classes: K; required for index labels.
         pairing: see ``pair_indices``. Defaults to ``"flip"``.
@@ -61,6 +62,8 @@ class PatchMix:
         if len(ratio_range) != 2 or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
             raise ValueError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, got {ratio_range!r}")
         check_probability("prob", prob)
+        if num_classes is not None:
+            check_positive_int("num_classes", num_classes)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         check_choice("pairing", pairing, PAIRINGS)
@@ -73,6 +76,7 @@ class PatchMix:
         self.pairing = pairing
         self.return_info = return_info
         self.generator = generator
+        self.enabled = True  # False passes batches through (targets still soft), e.g. MixSchedule(off_epoch=...)
 
     def _rand(self, n: int) -> torch.Tensor:
         src = self.generator.device if self.generator is not None else "cpu"
@@ -95,7 +99,7 @@ class PatchMix:
         else:
             lo, hi = self.ratio_range
             r = lo + (hi - lo) * self._rand(b)
-        r = torch.where(self._rand(b) < self.prob, r, torch.zeros_like(r))
+        r = torch.where(self._rand(b) < (self.prob if self.enabled else 0.0), r, torch.zeros_like(r))
         r = torch.where(perm == torch.arange(b), torch.zeros_like(r), r)
         cells = patch_masks(self.grid, r, generator=self.generator, device="cpu")
         pixels = grid_to_pixels(cells, sizes)

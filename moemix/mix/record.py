@@ -62,10 +62,19 @@ class MixRecord:
 
         Pasted regions (CutMix boxes, patches) are copied for any dtype; interpolated rows need a float
         tensor, and bool tensors (masks) are OR-ed there. ``t`` must share the batch and mixed-dim sizes.
+        ``dims`` defaults to the record's own ``dims`` where ``t`` has them with the recorded sizes (the input
+        itself, a ``[B, T]`` mask of a ``[B, T, D]`` sequence), else to ``t``'s last ``len(sizes)`` dims (a
+        ``[B, H, W]`` map of ``[B, C, H, W]`` images).
         """
+        if "partner_offset" in self.extra:
+            raise ValueError("this record is a BeatSyncMixup one: the tracks were cropped at their downbeats "
+                             "(extra['offset'], extra['partner_offset'], extra['length']), which apply does not "
+                             "reproduce; crop the aligned tensor with those offsets")
         if not self.applied:
             return t
-        dims = dims if dims is not None else (tuple(range(t.dim() - len(self.sizes), t.dim())))
+        if dims is None:
+            own = bool(self.dims) and all(0 < d < t.dim() and t.shape[d] == s for d, s in zip(self.dims, self.sizes))
+            dims = tuple(self.dims) if own else tuple(range(t.dim() - len(self.sizes), t.dim()))
         paste = self.paste_mask(device=t.device)
         interp = ~self.use_box if self.mask is None else torch.zeros_like(self.use_box)
         interp = interp & (self.lam < 1)

@@ -113,6 +113,9 @@ class CLSAttentionHook:
                 if not hasattr(module, attr):
                     raise ValueError(f"module {type(module).__name__} has no {attr!r}: pass qk_fn=(module, inputs, "
                                      "output) -> (q, k) for non-timm attention")
+            if getattr(module, "q_bias", None) is not None:  # timm's EvaAttention: F.linear on qkv.weight
+                raise ValueError(f"module {type(module).__name__} adds separate q/v biases outside its qkv layer, "
+                                 "which the hook would not see: pass qk_fn=(module, inputs, output) -> (q, k)")
             self._handle = module.qkv.register_forward_hook(self._from_qkv)
         else:
             self._qk_fn = qk_fn
@@ -147,7 +150,8 @@ def attach_transmix(model: nn.Module, *, block: int = -1, only_training: bool = 
     """Attach a :class:`CLSAttentionHook` to a timm VisionTransformer's last block (or ``block``).
 
     Raises:
-        ValueError: when the model has no ``blocks[block].attn`` or no class token.
+        ValueError: when the model has no ``blocks[block].attn``, no class token, or an attention the qkv hook
+            cannot follow (rotary embeddings or separate q/v biases, as timm's EVA models).
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(blocks[block], "attn"):
@@ -155,6 +159,9 @@ def attach_transmix(model: nn.Module, *, block: int = -1, only_training: bool = 
                          "qk_fn=...) for other architectures")
     if getattr(model, "cls_token", None) is None:
         raise ValueError("TransMix needs a class token (model.cls_token is None)")
+    if getattr(model, "rope", None) is not None:
+        raise ValueError(f"model {type(model).__name__} applies rotary position embeddings inside its attention "
+                         "forward, which the qkv hook cannot see; use CLSAttentionHook(module, qk_fn=...)")
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     return CLSAttentionHook(blocks[block].attn, num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
                             grid_size=grid, only_training=only_training)

@@ -90,3 +90,12 @@ def test_beatsync_rejects_non_float_and_bad_alpha():
         BeatSyncMixup(SR)(torch.zeros(2, 100, dtype=torch.int16))
     with pytest.raises(ValueError, match="alpha"):
         BeatSyncMixup(SR, alpha=0.0)
+
+
+def test_beat_sync_record_refuses_apply_which_cannot_reproduce_its_crops():
+    from moemix.mix import BeatSyncMixup
+    wave = torch.randn(2, 8000)
+    _, _, record = BeatSyncMixup(8000, return_info=True)(wave, bpm=[120.0, 121.0],
+                                                          downbeats=[torch.tensor([0.1]), torch.tensor([0.2])])
+    with pytest.raises(ValueError, match="BeatSyncMixup one"):
+        record.apply(wave)

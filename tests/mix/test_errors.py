@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from moemix.mix import CutMix, MixUp, MixUpCutMix
+from moemix.mix import CutMix, MixUp, MixUpCutMix, PatchMix
 from moemix.mix import functional as MF
+from moemix.mix.audio import BeatSyncMixup
 
 
 def test_labels_out_of_range():
@@ -57,3 +58,29 @@ def test_bad_configuration_names_the_argument(kwargs, name):
 def test_label_batch_mismatch():
     with pytest.raises(ValueError, match="one label per sample"):
         MixUp(num_classes=2)(torch.rand(3, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: PatchMix((2, 2), num_classes=2.5), "num_classes"),
+    (lambda: PatchMix((2, 2), num_classes=0), "num_classes"),
+    (lambda: BeatSyncMixup(0), "sample_rate"),
+    (lambda: BeatSyncMixup(8000, num_classes=2.5), "num_classes"),
+    (lambda: BeatSyncMixup(8000, label_smoothing=2.0), "label_smoothing"),
+])
+def test_patch_and_beat_mixes_name_bad_arguments(build, name):
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+def test_beat_sync_targets_are_float32_for_half_waveforms():
+    wave = torch.randn(2, 8000).half()
+    _, y = BeatSyncMixup(8000, num_classes=3)(wave, torch.tensor([0, 2]), bpm=[120.0, 121.0],
+                                               downbeats=[torch.tensor([0.1]), torch.tensor([0.2])])
+    assert y.dtype == torch.float32
+
+
+def test_sample_beta_at_tiny_concentrations_keeps_the_mean():
+    """Both gamma draws underflow for many samples; the limit puts mass alpha / (alpha + beta) at 1."""
+    for a, b in ((1e-3, 1e-3), (1e-3, 3e-3)):
+        lam = MF.sample_beta(a, b, 200000, generator=torch.Generator().manual_seed(0))
+        assert abs(lam.mean().item() - a / (a + b)) < 0.006  # about 5 standard errors

@@ -66,3 +66,56 @@ def test_mix_collate_mixes_in_the_dataloader():
     ds = TensorDataset(torch.randn(6, 4), torch.randint(0, K, (6,)))
     x, y = next(iter(DataLoader(ds, batch_size=5, collate_fn=MixCollate(MixUp(1.0, num_classes=K)))))
     assert x.shape == (5, 4) and y.shape == (5, K) and torch.allclose(y.sum(1), torch.ones(5))
+
+
+class _Trainer:
+    def __init__(self, epoch, max_epochs):
+        self.current_epoch, self.max_epochs = epoch, max_epochs
+
+
+class _Module:
+    pass
+
+
+def test_schedule_switches_off_every_transform_with_an_enabled_switch():
+    from moemix.mix import ClasswiseMixup, PatchMix
+    from moemix.mix.audio import BeatSyncMixup
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    for mixer in (PatchMix((2, 2), ratio=0.5, num_classes=K), BeatSyncMixup(8000), ClasswiseMixup()):
+        pl = _Module()
+        pl.mixer = mixer
+        MixSchedule(off_epoch=3).on_train_epoch_start(_Trainer(5, 10), pl)
+        assert mixer.enabled is False
+    patch = pl.mixer = PatchMix((2, 2), ratio=0.5, num_classes=K)
+    MixSchedule(off_epoch=3).on_train_epoch_start(_Trainer(5, 10), pl)
+    xm, ym = patch(x, y)
+    assert torch.equal(xm, x) and torch.equal(ym, torch.nn.functional.one_hot(y, K).float())
+    prototypes, embeddings = torch.randn(5, 4), torch.randn(5, 6)
+    classwise = ClasswiseMixup()
+    classwise.enabled = False
+    r, t = classwise(prototypes, embeddings)
+    torch.testing.assert_close(r, torch.nn.functional.normalize(prototypes, dim=-1))
+    torch.testing.assert_close(t, torch.nn.functional.normalize(embeddings, dim=-1))
+
+
+def test_schedule_refuses_what_it_cannot_do():
+    pl = _Module()
+    pl.mixer = AVMix(0.9, 0.1)  # no enabled switch
+    with pytest.raises(ValueError, match="AVMix has no `enabled` switch"):
+        MixSchedule(off_epoch=3).on_train_epoch_start(_Trainer(0, 10), pl)
+    pl.mixer = MixUp(1.0, num_classes=K)
+    with pytest.raises(ValueError, match="no max_epochs .* pass anneal_epochs"):
+        MixSchedule(alpha=(1.0, 0.2)).on_train_epoch_start(_Trainer(1, None), pl)  # Trainer(max_steps=...)
+    MixSchedule(off_epoch=3).on_train_epoch_start(_Trainer(1, -1), pl)  # nothing to anneal: fine
+    assert pl.mixer.enabled
+
+
+@pytest.mark.parametrize("anneal_epochs, end_epoch", [(None, 9), (10, 10)])
+def test_schedule_reaches_the_end_value_at_anneal_epochs(anneal_epochs, end_epoch):
+    pl = _Module()
+    pl.mixer = MixUp(1.0, num_classes=K)
+    schedule = MixSchedule(alpha=(1.0, 0.1), anneal_epochs=anneal_epochs)
+    schedule.on_train_epoch_start(_Trainer(end_epoch - 1, 10), pl)
+    assert pl.mixer.mixup_alpha > 0.1 + 1e-6
+    schedule.on_train_epoch_start(_Trainer(end_epoch, 10), pl)
+    assert pl.mixer.mixup_alpha == pytest.approx(0.1)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moemix.mix import CutMix, MixUp, MixUpCutMix
+from moemix.mix import CutMix, MixUp, MixUpCutMix, PatchMix
 from moemix.mix import functional as MF
 
 K = 10
@@ -234,3 +234,28 @@ def test_bad_labels_and_empty_batches_say_what_is_expected():
         mixer(torch.rand(2, 4), torch.tensor(1))
     with pytest.raises(ValueError, match="x must hold at least one sample"):
         mixer(torch.rand(0, 4), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("length, width", [(6, 5), (5, 5)])
+def test_record_applies_a_sequence_mix_along_the_mixed_dim(length, width):
+    torch.manual_seed(0)
+    h, y = torch.randn(4, length, width), torch.tensor([0, 1, 2, 0])
+    hm, _, rec = CutMix(1.0, num_classes=3, return_info=True)(h, y)
+    assert rec.dims == (1,)
+    assert torch.equal(rec.apply(h), hm)  # the record's own dim, also when T == D
+    mask = torch.arange(length).expand(4, length) < torch.tensor([[length], [length - 1], [2], [length]])
+    spliced = rec.apply(mask)  # a [B, T] attention mask follows the same spans
+    paste = rec.paste_mask()
+    assert torch.equal(spliced, torch.where(paste, mask[rec.perm], mask))
+
+
+@pytest.mark.parametrize("make", [lambda g: MixUp(1.0, num_classes=3, generator=g),
+                                  lambda g: MixUp(1.0, num_classes=3, mode="elem", generator=g),
+                                  lambda g: CutMix(1.0, num_classes=3, generator=g),
+                                  lambda g: PatchMix((4, 4), ratio=0.5, num_classes=3, generator=g)])
+def test_channels_last_batches_stay_channels_last_with_the_same_values(make):
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    plain, _ = make(torch.Generator().manual_seed(0))(x, y)
+    last, _ = make(torch.Generator().manual_seed(0))(x.contiguous(memory_format=torch.channels_last), y)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(last, plain)

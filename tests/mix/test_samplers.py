@@ -1,4 +1,5 @@
 """ReturnWeightedSampler and SkillItSampler follow their formulas."""
+import pytest
 import torch
 
 from moemix.mix import ReturnWeightedSampler, SkillItSampler
@@ -73,3 +74,37 @@ def test_return_weighted_sampler_drives_a_torchrl_replay_buffer():
     assert torch.isin(batch["obs"], torch.tensor([2.0, 3.0])).float().mean() > 0.9  # the rewarded episode
     state = buffer.sampler.state_dict()
     assert torch.equal(state["probabilities"], s.probabilities)
+
+
+def test_an_exact_value_fit_leaves_uniform_scores_not_rounding_noise():
+    torch.manual_seed(0)
+    returns, states = torch.randn(50), torch.randn(50, 60)  # E <= S + 1: least squares fits every return
+    scores = trajectory_scores(returns, variant="advantage", initial_states=states)
+    assert torch.equal(scores, torch.zeros(50, dtype=scores.dtype))
+
+
+def test_return_weighted_sampler_names_bad_arguments():
+    with pytest.raises(ValueError, match="returns must be finite"):
+        ReturnWeightedSampler(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=-3)
+    with pytest.raises(ValueError, match="num_samples=5 exceeds the 2 transitions"):
+        ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=5, replacement=False)
+
+
+def test_skill_it_state_round_trip_resumes_the_same_mixture_and_bad_values_raise():
+    sampler = SkillItSampler(torch.tensor([0, 1, 2, 0, 1, 2]), eta=0.5, window=2)
+    for losses in ([1.0, 2.0, 0.5], [1.5, 1.0, 0.2], [0.3, 2.5, 1.0]):
+        sampler.update(losses)
+    resumed = SkillItSampler(torch.tensor([0, 1, 2, 0, 1, 2]), eta=0.5, window=2)
+    resumed.load_state_dict(sampler.state_dict())
+    assert torch.equal(resumed.proportions, sampler.proportions)
+    assert torch.equal(resumed.update([1.0, 1.0, 1.0]), sampler.update([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="val_losses must be finite"):
+        sampler.update([1.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="eta must be a finite number"):
+        SkillItSampler(torch.tensor([0, 1]), eta=float("inf"))
+    with pytest.raises(ValueError, match="window must be an integer"):
+        SkillItSampler(torch.tensor([0, 1]), window=1.5)
+    with pytest.raises(ValueError, match="window=2, this sampler 3"):
+        SkillItSampler(torch.tensor([0, 1, 2])).load_state_dict(sampler.state_dict())

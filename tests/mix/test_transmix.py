@@ -96,3 +96,13 @@ def test_hook_is_idle_in_eval_and_does_not_change_outputs(vit):
 def test_transmix_rejects_per_sample_modes():
     with pytest.raises(ValueError, match="mode"):
         TransMix(num_classes=K, mode="elem")
+
+
+@pytest.mark.parametrize("rope, qkv_bias, match", [(True, False, "rotary position embeddings"),
+                                                   (False, True, "separate q/v biases")])
+def test_attach_transmix_refuses_eva_attention_it_cannot_follow(rope, qkv_bias, match):
+    from timm.models.eva import Eva
+    model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias,
+                use_rot_pos_emb=rope, num_classes=3)
+    with pytest.raises(ValueError, match=match):
+        attach_transmix(model)

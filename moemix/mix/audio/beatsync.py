@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..functional._checks import check_alpha, check_float_tensor, check_probability
+from ..functional._checks import check_alpha, check_float_tensor, check_positive_int, check_probability
 from ..functional.lam import sample_beta
-from ..functional.targets import mix_targets, soft_targets
+from ..functional.targets import batch_targets, mix_targets
 from ..record import MixRecord
 from .beat_tracker import track_beats
 
@@ -32,7 +32,8 @@ class BeatSyncMixup:
         sample_rate: samples per second.
         alpha: Beta(alpha, alpha) for p. Defaults to 5.0 (the paper).
         bucket_bpm: width of a tempo bucket in BPM. Defaults to 3.
-        prob: probability of mixing each track. Defaults to 1.0.
+        prob: probability of mixing each track. Defaults to 1.0. Setting the attribute ``enabled`` to False
+            (``MixSchedule(off_epoch=...)`` does) passes tracks through.
         backend: beat tracker when beats are not given: ``"builtin"`` or ``"librosa"``. Defaults to ``"builtin"``.
         num_classes: K for index labels (optional; MusicLDM itself has none).
         label_smoothing: eps for index labels. Defaults to 0.0.
@@ -43,13 +44,19 @@ class BeatSyncMixup:
     def __init__(self, sample_rate: int, *, alpha: float = 5.0, bucket_bpm: float = 3.0, prob: float = 1.0,
                  backend: str = "builtin", num_classes: int | None = None, label_smoothing: float = 0.0,
                  return_info: bool = False, generator: torch.Generator | None = None) -> None:
+        check_positive_int("sample_rate", sample_rate)
         check_alpha("alpha", alpha)
         check_probability("prob", prob)
+        if num_classes is not None:
+            check_positive_int("num_classes", num_classes)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if not bucket_bpm > 0:
             raise ValueError(f"bucket_bpm must be > 0, got {bucket_bpm!r}")
         if backend not in ("builtin", "librosa"):
             raise ValueError(f"backend must be 'builtin' or 'librosa', got {backend!r}")
         self.sample_rate = int(sample_rate)
+        self.enabled = True  # False passes tracks through (targets still soft), e.g. MixSchedule(off_epoch=...)
         self.alpha, self.bucket_bpm, self.prob, self.backend = float(alpha), float(bucket_bpm), float(prob), backend
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.return_info, self.generator = return_info, generator
@@ -95,7 +102,7 @@ class BeatSyncMixup:
         bucket = torch.floor(tempo / self.bucket_bpm).long()
         perm = self._pair_within_buckets(bucket)
         src = self.generator.device if self.generator is not None else "cpu"
-        apply = torch.rand(b, generator=self.generator, device=src).cpu() < self.prob
+        apply = torch.rand(b, generator=self.generator, device=src).cpu() < (self.prob if self.enabled else 0.0)
         p = sample_beta(self.alpha, self.alpha, b, generator=self.generator, device="cpu")
         a_out, b_out = wave.clone(), wave.clone()
         offset, partner_offset, length = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), \
@@ -129,8 +136,7 @@ class BeatSyncMixup:
     def _targets(self, y, record, like):
         if y is None:
             return None
-        y_soft = soft_targets(y, self.num_classes, label_smoothing=self.label_smoothing, dtype=like.dtype,
-                              device=like.device)
+        y_soft = batch_targets(y, like, self.num_classes, self.label_smoothing)  # float32 for half waveforms
         record.targets = y_soft
         return mix_targets(y_soft, record.label_lam, record.perm)
 

@@ -63,8 +63,11 @@ def sample_beta(alpha: float, beta: float | None = None, size: int = 1, *,
     a = _sample_gamma(float(alpha), size, generator, src)
     b = _sample_gamma(float(beta), size, generator, src)
     total = a + b
-    # both gammas can underflow to 0 for tiny alpha; fall back to a fair coin like the limit distribution
-    lam = torch.where(total > 0, a / total.clamp_min(1e-300), (a >= b).double())
+    underflow = total <= 0  # both gammas can underflow to 0 for tiny concentrations (subnormal sums are kept)
+    lam = a / torch.where(underflow, torch.ones_like(total), total)
+    if bool(underflow.any()):  # draw from the limit distribution: 1 with probability alpha / (alpha + beta), else 0
+        coin = torch.rand(size, generator=generator, device=src, dtype=torch.float64) < alpha / (alpha + beta)
+        lam = torch.where(underflow, coin.double(), lam)
     return lam.float().to(device if device is not None else src)
 
 

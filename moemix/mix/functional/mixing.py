@@ -52,6 +52,15 @@ def _view(x: torch.Tensor, dims: Sequence[int]) -> list[int]:
     return [x.shape[0]] + [x.shape[d] if d in dims else 1 for d in range(1, x.dim())]
 
 
+def _partners(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` in a new tensor with ``x``'s memory format (channels-last batches stay channels-last)."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=last):
+            return torch.index_select(x, 0, idx, out=torch.empty_like(x, memory_format=last))
+    return x.index_select(0, idx)
+
+
 def mix(x: torch.Tensor, lam: torch.Tensor | float | None, perm: torch.Tensor, mask: torch.Tensor | None = None,
         *, dims: Sequence[int] | None = None) -> torch.Tensor:
     """Mix every sample with its partner ``x[perm[i]]``; the input is never modified.
@@ -74,12 +83,12 @@ def mix(x: torch.Tensor, lam: torch.Tensor | float | None, perm: torch.Tensor, m
         sizes = [x.shape[d] for d in dims]
         if mask.dim() == len(dims):
             mask = mask.unsqueeze(0).expand(b, *sizes)
-        return torch.where(mask.to(x.device).reshape(_view(x, dims)), x.index_select(0, idx), x)
+        return torch.where(mask.to(x.device).reshape(_view(x, dims)), _partners(x, idx), x)
     if lam is None:
         raise ValueError("lam must be given when mask is None")
     # few large kernels, all in the one new buffer: gather the partners, scale them, add the weighted own
     # sample. Row loops lose badly when the CPU is shared (every op pays a thread-pool barrier).
-    out = x.index_select(0, idx)
+    out = _partners(x, idx)
     if isinstance(lam, (int, float)) or (isinstance(lam, torch.Tensor) and lam.dim() == 0):
         lam_f = float(lam)
         return out.mul_(1.0 - lam_f).add_(x, alpha=lam_f)

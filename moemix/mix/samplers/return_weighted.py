@@ -26,9 +26,15 @@ def trajectory_scores(returns: torch.Tensor, *, variant: str = "return",
         returns: ``[E]`` undiscounted return of each trajectory.
         variant: ``"return"`` or ``"advantage"`` (``G - V_hat(s0)``, least squares on ``[s0, 1]``).
         initial_states: ``[E, S]`` first observation of each trajectory; required for ``"advantage"``.
+
+    Spreads below ``1e-9 * max|G|`` count as none (every score 0, uniform sampling): with ``E <= S + 1``
+    trajectories the least-squares fit is exact and the advantages are rounding noise.
     """
     check_choice("variant", variant, ("return", "advantage"))
-    g = returns.double().reshape(-1)
+    g = torch.as_tensor(returns).double().reshape(-1)
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("returns must be finite (no NaN or inf)")
+    scale = float(g.abs().max()) if g.numel() else 0.0
     if variant == "advantage":
         if initial_states is None:
             raise ValueError("initial_states [E, S] is required for variant='advantage'")
@@ -37,7 +43,7 @@ def trajectory_scores(returns: torch.Tensor, *, variant: str = "return",
         coef = torch.linalg.lstsq(design, g.unsqueeze(1)).solution
         g = g - (design @ coef).squeeze(1)
     lo, hi = g.min(), g.max()
-    return torch.zeros_like(g) if hi - lo <= 0 else (g - lo) / (hi - lo)
+    return torch.zeros_like(g) if hi - lo <= 1e-9 * max(scale, 1e-300) else (g - lo) / (hi - lo)
 
 
 class ReturnWeightedSampler(Sampler[int]):
@@ -74,7 +80,13 @@ class ReturnWeightedSampler(Sampler[int]):
             raise ValueError(f"episode_index must hold trajectory ids in [0, {returns.numel()}), one per transition")
         self.scores = trajectory_scores(returns, variant=variant, initial_states=initial_states)
         self.probabilities = torch.softmax(self.scores[episode_index] / alpha, dim=0).float()
-        self.num_samples = int(num_samples) if num_samples is not None else episode_index.numel()
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or num_samples < 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.num_samples = num_samples if num_samples is not None else episode_index.numel()
+        if not replacement and self.num_samples > episode_index.numel():
+            raise ValueError(f"num_samples={self.num_samples} exceeds the {episode_index.numel()} transitions, which "
+                             "replacement=False cannot draw more than once")
         self.replacement = replacement
         self.generator = generator
 

@@ -10,6 +10,7 @@ so groups whose own (or prerequisite-linked) validation loss lags get sampled mo
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Iterator, Sequence
 
@@ -33,7 +34,8 @@ class SkillItSampler(Sampler[int]):
         generator: optional ``torch.Generator``.
 
     Call :meth:`update` with the per-group validation losses ``[k]`` after each evaluation (every
-    ``update_steps`` training steps); :attr:`proportions` is the current mixture.
+    ``update_steps`` training steps); :attr:`proportions` is the current mixture. :meth:`state_dict` and
+    :meth:`load_state_dict` carry the loss history across a resume.
     """
 
     def __init__(self, group_index: torch.Tensor, *, num_groups: int | None = None,
@@ -52,16 +54,19 @@ class SkillItSampler(Sampler[int]):
         w0 = torch.ones(k, dtype=torch.float64) if prior is None else torch.as_tensor(prior).double()
         if w0.shape != (k,) or not bool((w0 > 0).all()):
             raise ValueError(f"prior must be [{k}] positive weights, got {w0!r}")
-        if not eta > 0:
-            raise ValueError(f"eta must be > 0, got {eta!r}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
+        if not 0 < eta < math.inf:
+            raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or num_samples < 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.group_index = group_index
         self.members = [torch.nonzero(group_index == g).squeeze(1) for g in range(k)]
         self.skills_graph, self.prior, self.eta = a, w0, float(eta)
         self.history: deque[torch.Tensor] = deque(maxlen=window)
         self.proportions = (w0 / w0.sum()).float()
-        self.num_samples = int(num_samples) if num_samples is not None else group_index.numel()
+        self.num_samples = num_samples if num_samples is not None else group_index.numel()
         self.generator = generator
 
     def update(self, val_losses: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -69,11 +74,34 @@ class SkillItSampler(Sampler[int]):
         losses = torch.as_tensor(val_losses, dtype=torch.float64).reshape(-1)
         if losses.numel() != self.prior.numel():
             raise ValueError(f"val_losses must have one loss per group ({self.prior.numel()}), got {losses.numel()}")
+        if not bool(torch.isfinite(losses).all()):
+            raise ValueError(f"val_losses must be finite, got {losses.tolist()}")
         self.history.append(losses)
+        self._recompute()
+        return self.proportions
+
+    def _recompute(self) -> None:
         total = torch.stack(tuple(self.history)).sum(0)
         logits = self.prior.log() + self.eta * (self.skills_graph @ total)
         self.proportions = torch.softmax(logits, dim=0).float()  # w / sum(w), computed stably
-        return self.proportions
+
+    def state_dict(self) -> dict:
+        """The loss history the mixture comes from (a resumed run continues from the same proportions)."""
+        return {"history": [h.clone() for h in self.history], "window": self.history.maxlen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the window must match this sampler's."""
+        if state["window"] != self.history.maxlen:
+            raise ValueError(f"state has window={state['window']}, this sampler {self.history.maxlen}")
+        history = [torch.as_tensor(h, dtype=torch.float64) for h in state["history"]]
+        if any(h.shape != self.prior.shape for h in history):
+            raise ValueError(f"state's losses must have one entry per group ({self.prior.numel()})")
+        self.history.clear()
+        self.history.extend(history)
+        if self.history:
+            self._recompute()
+        else:
+            self.proportions = (self.prior / self.prior.sum()).float()
 
     def sample(self, n: int) -> torch.Tensor:
         """``[n]`` dataset indices: a group from :attr:`proportions`, then an item uniformly within it."""
