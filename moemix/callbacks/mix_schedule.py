@@ -69,6 +69,9 @@ class MixSchedule(Callback):
         enabled = True
         if self.off_epoch is not None and epoch >= self.off_epoch:
             enabled = False
+        own_off = getattr(mixer, "off_epoch", None)  # MixUpCutMix's own early stop stays in force
+        if own_off is not None and epoch >= own_off:
+            enabled = False
         if self.alpha is not None:
             value = self.alpha[0] + (self.alpha[1] - self.alpha[0]) * progress
             if value <= 0:

@@ -66,12 +66,12 @@ class MixRecord:
         itself, a ``[B, T]`` mask of a ``[B, T, D]`` sequence), else to ``t``'s last ``len(sizes)`` dims (a
         ``[B, H, W]`` map of ``[B, C, H, W]`` images).
         """
+        if not self.applied:
+            return t
         if "partner_offset" in self.extra:
             raise ValueError("this record is a BeatSyncMixup one: the tracks were cropped at their downbeats "
                              "(extra['offset'], extra['partner_offset'], extra['length']), which apply does not "
                              "reproduce; crop the aligned tensor with those offsets")
-        if not self.applied:
-            return t
         if dims is None:
             own = bool(self.dims) and all(0 < d < t.dim() and t.shape[d] == s for d, s in zip(self.dims, self.sizes))
             dims = tuple(self.dims) if own else tuple(range(t.dim() - len(self.sizes), t.dim()))

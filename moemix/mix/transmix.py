@@ -110,7 +110,7 @@ class CLSAttentionHook:
         self._module = module
         if qk_fn is None:
             for attr in ("qkv", "num_heads", "head_dim"):
-                if not hasattr(module, attr):
+                if getattr(module, attr, None) is None:
                     raise ValueError(f"module {type(module).__name__} has no {attr!r}: pass qk_fn=(module, inputs, "
                                      "output) -> (q, k) for non-timm attention")
             if getattr(module, "q_bias", None) is not None:  # timm's EvaAttention: F.linear on qkv.weight

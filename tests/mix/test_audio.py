@@ -99,3 +99,7 @@ def test_beat_sync_record_refuses_apply_which_cannot_reproduce_its_crops():
                                                           downbeats=[torch.tensor([0.1]), torch.tensor([0.2])])
     with pytest.raises(ValueError, match="BeatSyncMixup one"):
         record.apply(wave)
+    off = BeatSyncMixup(8000, return_info=True)
+    off.enabled = False  # nothing mixed: apply passes the tensor through
+    _, _, record = off(wave, bpm=[120.0, 121.0], downbeats=[torch.tensor([0.1]), torch.tensor([0.2])])
+    assert record.apply(wave) is wave

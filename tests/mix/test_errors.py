@@ -84,3 +84,14 @@ def test_sample_beta_at_tiny_concentrations_keeps_the_mean():
     for a, b in ((1e-3, 1e-3), (1e-3, 3e-3)):
         lam = MF.sample_beta(a, b, 200000, generator=torch.Generator().manual_seed(0))
         assert abs(lam.mean().item() - a / (a + b)) < 0.006  # about 5 standard errors
+
+
+def test_whole_numbers_of_any_type_are_accepted_for_counts():
+    np = pytest.importorskip("numpy")
+    from moemix.mix import ReturnWeightedSampler
+    assert BeatSyncMixup(22050.0).sample_rate == 22050
+    assert BeatSyncMixup(np.int64(16000)).sample_rate == 16000
+    assert BeatSyncMixup(torch.tensor(8000)).sample_rate == 8000
+    assert len(ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=1e2)) == 100
+    with pytest.raises(ValueError, match="sample_rate must be a positive whole number"):
+        BeatSyncMixup(22050.5)

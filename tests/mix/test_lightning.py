@@ -119,3 +119,12 @@ def test_schedule_reaches_the_end_value_at_anneal_epochs(anneal_epochs, end_epoc
     assert pl.mixer.mixup_alpha > 0.1 + 1e-6
     schedule.on_train_epoch_start(_Trainer(end_epoch, 10), pl)
     assert pl.mixer.mixup_alpha == pytest.approx(0.1)
+
+
+def test_schedule_keeps_the_transforms_own_off_epoch():
+    pl = _Module()
+    pl.mixer = MixUp(1.0, num_classes=K, off_epoch=2)
+    MixSchedule(alpha=(1.0, 0.5), anneal_epochs=4).on_train_epoch_start(_Trainer(3, 10), pl)
+    assert pl.mixer.enabled is False
+    MixSchedule(alpha=(1.0, 0.5), anneal_epochs=4).on_train_epoch_start(_Trainer(1, 10), pl)
+    assert pl.mixer.enabled is True

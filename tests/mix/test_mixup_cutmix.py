@@ -253,9 +253,14 @@ def test_record_applies_a_sequence_mix_along_the_mixed_dim(length, width):
                                   lambda g: MixUp(1.0, num_classes=3, mode="elem", generator=g),
                                   lambda g: CutMix(1.0, num_classes=3, generator=g),
                                   lambda g: PatchMix((4, 4), ratio=0.5, num_classes=3, generator=g)])
-def test_channels_last_batches_stay_channels_last_with_the_same_values(make):
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_channels_last_batches_stay_channels_last_with_the_same_values(make, requires_grad):
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     plain, _ = make(torch.Generator().manual_seed(0))(x, y)
-    last, _ = make(torch.Generator().manual_seed(0))(x.contiguous(memory_format=torch.channels_last), y)
+    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_(requires_grad)
+    last, _ = make(torch.Generator().manual_seed(0))(x_last, y)
     assert last.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(last, plain)
+    assert torch.equal(last.detach(), plain)
+    if requires_grad:  # feature maps carrying gradients mix too
+        last.sum().backward()
+        assert x_last.grad is not None and x_last.grad.shape == x.shape

@@ -86,7 +86,7 @@ def test_an_exact_value_fit_leaves_uniform_scores_not_rounding_noise():
 def test_return_weighted_sampler_names_bad_arguments():
     with pytest.raises(ValueError, match="returns must be finite"):
         ReturnWeightedSampler(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+    with pytest.raises(ValueError, match="num_samples must be a positive whole number"):
         ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=-3)
     with pytest.raises(ValueError, match="num_samples=5 exceeds the 2 transitions"):
         ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=5, replacement=False)
@@ -108,3 +108,8 @@ def test_skill_it_state_round_trip_resumes_the_same_mixture_and_bad_values_raise
         SkillItSampler(torch.tensor([0, 1]), window=1.5)
     with pytest.raises(ValueError, match="window=2, this sampler 3"):
         SkillItSampler(torch.tensor([0, 1, 2])).load_state_dict(sampler.state_dict())
+
+
+def test_plain_return_scores_keep_small_spreads():
+    scores = trajectory_scores(torch.tensor([1e6, 1e6 + 1e-4], dtype=torch.float64))
+    assert scores.tolist() == [0.0, 1.0]

@@ -98,11 +98,12 @@ def test_transmix_rejects_per_sample_modes():
         TransMix(num_classes=K, mode="elem")
 
 
-@pytest.mark.parametrize("rope, qkv_bias, match", [(True, False, "rotary position embeddings"),
-                                                   (False, True, "separate q/v biases")])
-def test_attach_transmix_refuses_eva_attention_it_cannot_follow(rope, qkv_bias, match):
+@pytest.mark.parametrize("rope, qkv_bias, fused, match", [(True, False, True, "rotary position embeddings"),
+                                                          (False, True, True, "separate q/v biases"),
+                                                          (False, False, False, "has no 'qkv'")])
+def test_attach_transmix_refuses_eva_attention_it_cannot_follow(rope, qkv_bias, fused, match):
     from timm.models.eva import Eva
     model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias,
-                use_rot_pos_emb=rope, num_classes=3)
+                use_rot_pos_emb=rope, qkv_fused=fused, num_classes=3)
     with pytest.raises(ValueError, match=match):
         attach_transmix(model)

@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..functional._checks import check_alpha, check_float_tensor, check_positive_int, check_probability
+from ..functional._checks import (as_positive_int, check_alpha, check_float_tensor, check_positive_int,
+                                 check_probability)
 from ..functional.lam import sample_beta
 from ..functional.targets import batch_targets, mix_targets
 from ..record import MixRecord
@@ -44,7 +45,7 @@ class BeatSyncMixup:
     def __init__(self, sample_rate: int, *, alpha: float = 5.0, bucket_bpm: float = 3.0, prob: float = 1.0,
                  backend: str = "builtin", num_classes: int | None = None, label_smoothing: float = 0.0,
                  return_info: bool = False, generator: torch.Generator | None = None) -> None:
-        check_positive_int("sample_rate", sample_rate)
+        sample_rate = as_positive_int("sample_rate", sample_rate)
         check_alpha("alpha", alpha)
         check_probability("prob", prob)
         if num_classes is not None:

@@ -1,6 +1,7 @@
 """Boundary checks for the mixing code: each raises ``ValueError`` naming the argument."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
@@ -26,6 +27,15 @@ def check_choice(name: str, value, choices: Iterable) -> None:
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def as_positive_int(name: str, value) -> int:
+    """A whole number >= 1 of any numeric type (``22050.0``, ``numpy.int64``, a 0-d tensor) as a Python int."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if not isinstance(value, bool) and isinstance(value, numbers.Real) and value >= 1 and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{name} must be a positive whole number, got {value!r}")
 
 
 def check_float_tensor(name: str, x) -> None:

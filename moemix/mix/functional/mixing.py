@@ -57,7 +57,7 @@ def _partners(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() in (4, 5) and not x.is_contiguous():
         last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=last):
-            return torch.index_select(x, 0, idx, out=torch.empty_like(x, memory_format=last))
+            return x[idx]  # advanced indexing keeps the memory format (index_select makes it contiguous)
     return x.index_select(0, idx)
 
 

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from ..functional._checks import check_choice
+from ..functional._checks import as_positive_int, check_choice
 
 __all__ = ["ReturnWeightedSampler", "trajectory_scores"]
 
@@ -27,23 +27,24 @@ def trajectory_scores(returns: torch.Tensor, *, variant: str = "return",
         variant: ``"return"`` or ``"advantage"`` (``G - V_hat(s0)``, least squares on ``[s0, 1]``).
         initial_states: ``[E, S]`` first observation of each trajectory; required for ``"advantage"``.
 
-    Spreads below ``1e-9 * max|G|`` count as none (every score 0, uniform sampling): with ``E <= S + 1``
-    trajectories the least-squares fit is exact and the advantages are rounding noise.
+    For ``"advantage"``, spreads below ``1e-9 * max|G|`` count as none (every score 0, uniform sampling): with
+    ``E <= S + 1`` trajectories the least-squares fit is exact and the advantages are rounding noise.
     """
     check_choice("variant", variant, ("return", "advantage"))
     g = torch.as_tensor(returns).double().reshape(-1)
     if not bool(torch.isfinite(g).all()):
         raise ValueError("returns must be finite (no NaN or inf)")
-    scale = float(g.abs().max()) if g.numel() else 0.0
+    spread_floor = 0.0
     if variant == "advantage":
         if initial_states is None:
             raise ValueError("initial_states [E, S] is required for variant='advantage'")
         s0 = initial_states.double().reshape(g.numel(), -1)
         design = torch.cat([s0, torch.ones(g.numel(), 1, dtype=g.dtype)], dim=1)
         coef = torch.linalg.lstsq(design, g.unsqueeze(1)).solution
+        spread_floor = 1e-9 * float(g.abs().max())  # an exact fit leaves rounding noise of about this size
         g = g - (design @ coef).squeeze(1)
     lo, hi = g.min(), g.max()
-    return torch.zeros_like(g) if hi - lo <= 1e-9 * max(scale, 1e-300) else (g - lo) / (hi - lo)
+    return torch.zeros_like(g) if hi - lo <= spread_floor else (g - lo) / (hi - lo)
 
 
 class ReturnWeightedSampler(Sampler[int]):
@@ -80,9 +81,8 @@ class ReturnWeightedSampler(Sampler[int]):
             raise ValueError(f"episode_index must hold trajectory ids in [0, {returns.numel()}), one per transition")
         self.scores = trajectory_scores(returns, variant=variant, initial_states=initial_states)
         self.probabilities = torch.softmax(self.scores[episode_index] / alpha, dim=0).float()
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                        or num_samples < 1):
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if num_samples is not None:
+            num_samples = as_positive_int("num_samples", num_samples)
         self.num_samples = num_samples if num_samples is not None else episode_index.numel()
         if not replacement and self.num_samples > episode_index.numel():
             raise ValueError(f"num_samples={self.num_samples} exceeds the {episode_index.numel()} transitions, which "

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ..functional._checks import as_positive_int
+
 __all__ = ["SkillItSampler"]
 
 
@@ -58,9 +60,8 @@ class SkillItSampler(Sampler[int]):
             raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                        or num_samples < 1):
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if num_samples is not None:
+            num_samples = as_positive_int("num_samples", num_samples)
         self.group_index = group_index
         self.members = [torch.nonzero(group_index == g).squeeze(1) for g in range(k)]
         self.skills_graph, self.prior, self.eta = a, w0, float(eta)
