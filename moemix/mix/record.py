@@ -30,6 +30,7 @@ class MixRecord:
         applied: False when the batch was passed through unmixed (``prob``, ``off_epoch``).
         attention_mask: the mixed attention mask when one was given to the transform.
         extra: method-specific entries (e.g. BeatSync offsets and lengths).
+        not_applicable: why :meth:`apply` cannot reproduce this mix (e.g. BeatSync's crops), or None.
     """
 
     lam: torch.Tensor
@@ -44,6 +45,7 @@ class MixRecord:
     applied: bool = True
     attention_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    not_applicable: str | None = None
 
     def paste_mask(self, *, device=None) -> torch.Tensor | None:
         """Bool ``[B, *sizes]``, True where sample ``i`` shows its partner (boxes or patches), else None."""
@@ -68,10 +70,8 @@ class MixRecord:
         """
         if not self.applied:
             return t
-        if "partner_offset" in self.extra:
-            raise ValueError("this record is a BeatSyncMixup one: the tracks were cropped at their downbeats "
-                             "(extra['offset'], extra['partner_offset'], extra['length']), which apply does not "
-                             "reproduce; crop the aligned tensor with those offsets")
+        if self.not_applicable is not None:
+            raise ValueError(self.not_applicable)
         if dims is None:
             own = bool(self.dims) and all(0 < d < t.dim() and t.shape[d] == s for d, s in zip(self.dims, self.sizes))
             dims = tuple(self.dims) if own else tuple(range(t.dim() - len(self.sizes), t.dim()))

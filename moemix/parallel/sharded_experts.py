@@ -17,13 +17,13 @@ counts first, then a variable-size ``all_to_all_single``, dropless).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moemix.layers._validate import check_positive
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.moe_layer import MoELayer
 from moemix.layers.routed_experts import RoutedExperts
@@ -64,10 +64,9 @@ def _received_rows_decision(recv_counts: torch.Tensor, num_local: int, rows: int
 
 
 def check_expert_grad_scale(value: float) -> float:
-    """``value`` as a float if it is a finite number > 0, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"expert_grad_scale must be a finite number > 0 (None at construction: 1 / world size), "
-                         f"got {value!r}")
+    """``value`` as a float if it is a finite number > 0 (None at construction: 1 / world size), else
+    ``ValueError``."""
+    check_positive("expert_grad_scale", value)
     return float(value)
 
 

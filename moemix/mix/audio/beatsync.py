@@ -125,7 +125,11 @@ class BeatSyncMixup:
         record = MixRecord(lam=p, perm=perm, label_lam=p, use_box=torch.zeros(b, dtype=torch.bool), dims=(1,),
                            sizes=(n,), applied=bool((perm != torch.arange(b)).any()),
                            extra={"bpm": tempo.float(), "bucket": bucket, "offset": offset,
-                                  "partner_offset": partner_offset, "length": length})
+                                  "partner_offset": partner_offset, "length": length},
+                           not_applicable="this record is a BeatSyncMixup one: the tracks were cropped at their "
+                                          "downbeats (extra['offset'], extra['partner_offset'], extra['length']), "
+                                          "which apply does not reproduce; crop the aligned tensor with those "
+                                          "offsets")
         return a_out, b_out, p, record
 
     def _pick(self, downbeats: torch.Tensor, n: int) -> int:
