@@ -9,11 +9,12 @@ References:
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
+
+from moemix._checks import is_integer
 
 __all__ = ["load_balance_loss", "load_balance_from_counts", "router_z_loss", "importance_load_loss", "router_entropy", "cv_squared",
            "collect_aux_loss"]
@@ -77,7 +78,7 @@ def load_balance_from_counts(probs: torch.Tensor, counts: torch.Tensor, num_assi
     if probs.dim() != 2:
         raise ValueError(f"probs must be [T, E], got shape {tuple(probs.shape)}")
     # Python and NumPy integers are checked; a SymInt (torch.compile, dynamic shapes) or a tensor is taken as it is.
-    integer = isinstance(num_assignments, numbers.Integral) and not isinstance(num_assignments, bool)
+    integer = is_integer(num_assignments)
     if (integer and num_assignments < 1) or not (integer or isinstance(num_assignments, (torch.SymInt, torch.Tensor))):
         raise ValueError(f"num_assignments must be a positive integer (T * k), got {num_assignments!r}")
     num_experts = probs.shape[-1]

@@ -35,7 +35,8 @@ class AVMix:
         check_probability("start_ratio", start_ratio)
         check_probability("end_ratio", end_ratio)
         check_probability("jitter", jitter)
-        self.start_ratio, self.end_ratio, self.jitter, self.generator = start_ratio, end_ratio, jitter, generator
+        self.start_ratio, self.end_ratio, self.jitter = float(start_ratio), float(end_ratio), float(jitter)
+        self.generator = generator
         self.progress = 0.0
 
     @property

@@ -68,9 +68,9 @@ class PatchMix:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         check_choice("pairing", pairing, PAIRINGS)
         self.grid = tuple(grid)
-        self.ratio = ratio
+        self.ratio = None if ratio is None else float(ratio)
         self.ratio_range = tuple(ratio_range)
-        self.prob = prob
+        self.prob = float(prob)
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.pairing = pairing

@@ -95,3 +95,16 @@ def test_whole_numbers_of_any_type_are_accepted_for_counts():
     assert len(ReturnWeightedSampler(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), num_samples=1e2)) == 100
     with pytest.raises(ValueError, match="sample_rate must be a positive whole number"):
         BeatSyncMixup(22050.5)
+
+
+def test_numpy_and_zero_dim_tensor_numbers_are_accepted_and_stored_as_floats():
+    """The mixing transforms share the layers' scalar checks (moemix._checks): NumPy and 0-d tensor numbers pass,
+    non-finite ones and bools do not."""
+    np = pytest.importorskip("numpy")
+    pm = PatchMix(grid=(2, 2), ratio=np.float32(0.25), prob=torch.tensor(0.5), num_classes=3)
+    assert type(pm.ratio) is float and type(pm.prob) is float and pm.prob == 0.5
+    assert MixUp(alpha=np.float64(0.4)).mixup_alpha == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        MixUp(alpha=float("nan"))
+    with pytest.raises(ValueError, match=r"prob must be in \[0, 1\]"):
+        PatchMix(prob=True, num_classes=3)

@@ -1,41 +1,13 @@
-"""Boundary checks for the mixing code: each raises ``ValueError`` naming the argument."""
+"""Boundary checks for the mixing code (the shared scalar checks of :mod:`moemix._checks` and the tensor checks of
+mixing): each raises ``ValueError`` naming the argument."""
 from __future__ import annotations
-
-import numbers
-from typing import Iterable
 
 import torch
 
+from moemix._checks import (as_positive_int, check_choice, check_positive,  # noqa: F401
+                            check_positive_int, check_probability)
 
-def check_alpha(name: str, value) -> None:
-    """Beta concentration must be a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_probability(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-
-
-def check_choice(name: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def as_positive_int(name: str, value) -> int:
-    """A whole number >= 1 of any numeric type (``22050.0``, ``numpy.int64``, a 0-d tensor) as a Python int."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-        value = value.item()
-    if not isinstance(value, bool) and isinstance(value, numbers.Real) and value >= 1 and float(value).is_integer():
-        return int(value)
-    raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+check_alpha = check_positive  # a Beta concentration: a finite number > 0
 
 
 def check_float_tensor(name: str, x) -> None:

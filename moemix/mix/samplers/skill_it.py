@@ -10,14 +10,13 @@ so groups whose own (or prerequisite-linked) validation loss lags get sampled mo
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
-from ..functional._checks import as_positive_int
+from ..functional._checks import as_positive_int, check_positive
 
 __all__ = ["SkillItSampler"]
 
@@ -56,8 +55,7 @@ class SkillItSampler(Sampler[int]):
         w0 = torch.ones(k, dtype=torch.float64) if prior is None else torch.as_tensor(prior).double()
         if w0.shape != (k,) or not bool((w0 > 0).all()):
             raise ValueError(f"prior must be [{k}] positive weights, got {w0!r}")
-        if not 0 < eta < math.inf:
-            raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
+        check_positive("eta", eta)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
         if num_samples is not None:
