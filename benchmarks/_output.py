@@ -7,7 +7,15 @@ from typing import List, Optional
 
 import torch
 
-from moemix.layers.cpu_gemm import cpu_fields
+
+def cpu_fields() -> dict:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
 
 
 def cpu_description() -> str:

@@ -32,7 +32,7 @@ from _output import write_results  # noqa: E402
 from _timing import interleaved_medians, paired_ratio  # noqa: E402
 from moe_layer import CONFIGS, D, DTYPES  # noqa: E402
 
-from moemix.layers import grouped_matmul  # noqa: E402
+from moemix.layers import grouped_matmul, plan_dispatch  # noqa: E402
 
 VARIANTS = ("per_slice", "padded_bmm", "grouped_mm")
 
@@ -43,10 +43,11 @@ def make_steps(E: int, rows: int, hidden: int, device, dtype) -> Dict[str, Calla
     x = torch.randn(E * rows, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     w = (torch.randn(E, D, 2 * hidden, generator=g) / D ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
     grad_y = torch.randn(E * rows, 2 * hidden, generator=g).to(device=device, dtype=dtype)
-    counts = [rows] * E
-    offs = torch.cumsum(torch.tensor(counts, device=device), 0).to(torch.int32)
-    products = {"per_slice": lambda: grouped_matmul(x, w, counts),
-                "padded_bmm": lambda: grouped_matmul(x, w, counts, capacity=rows),
+    indices = torch.arange(E, device=device).repeat_interleave(rows).unsqueeze(1)  # every expert `rows` rows
+    sorted_plan, padded_plan = (plan_dispatch(indices, E, layout=layout) for layout in ("sorted", "padded"))
+    offs = torch.cumsum(sorted_plan.tokens_per_expert, 0).to(torch.int32)
+    products = {"per_slice": lambda: grouped_matmul(x, w, sorted_plan),
+                "padded_bmm": lambda: grouped_matmul(x, w, padded_plan),
                 "grouped_mm": lambda: F.grouped_mm(x, w, offs=offs)}
 
     def step(product):

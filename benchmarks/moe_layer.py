@@ -1,6 +1,6 @@
 """Forward+backward speed of one MoE layer: moemix SparseMoE against the usual alternatives.
 
-    python benchmarks/moe_layer.py [--quick] [--threads 2] [--json FILE] [--device cpu|cuda]
+    python benchmarks/moe_layer.py [--quick] [--threads 2] [--json FILE] [--markdown FILE] [--device cpu|cuda]
                                    [--dtype float32|bfloat16]
     python benchmarks/moe_layer.py --profile fine,small_coarse   # where one step's time goes
 
@@ -11,13 +11,7 @@ top-k, renormalised):
 * ``moemix``: ``SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k)`` with its
   default auxiliary losses (Switch load-balance + router z-loss) computed in the forward pass as the
   layer always does; only ``output.sum()`` is back-propagated. ``--layouts`` adds the same layer with
-  one dispatch strategy forced (``moemix:loop``, ``moemix:sorted``, ``moemix:padded``,
-  ``moemix:grouped_mm``) and
-  ``moemix:loop_serial``, the fused loop with its CPU worker threads off, and ``moemix:loop_workers``,
-  the fused loop on worker threads whatever their size rules say (:mod:`moemix.layers.expert_workers`),
-  ``moemix:loop_blas``, the fused loop with its CPU products in ``torch.mm`` where the default
-  picks oneDNN (:mod:`moemix.layers.cpu_gemm`), and ``moemix:loop_unchunked``, the fused loop with every
-  expert a chunk of its own (:func:`moemix.layers.expert_loop.expert_chunks`).
+  one dispatch layout forced (``moemix:sorted``, ``moemix:padded``, ``moemix:grouped_mm``).
 * ``hf_loop``: the HF-transformers Mixtral loop (transformers 4.x ``MixtralSparseMoeBlock``, written
   here): one ``nn.Linear`` triple per expert, ``torch.where(expert_mask[e])``, gather, expert MLP,
   ``index_add_``. This is the baseline of the issue's targets (``vs_hf_loop``).
@@ -55,8 +49,7 @@ sides); ``vs_hf_loop_of_medians`` in the JSON is the ratio of the medians. Memor
 runs one step in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident
 set): two warm-up steps, then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the
 growth of the peak over the resident size just before one more step is reported (activations,
-temporaries, gradients; not parameters or inputs; moemix's recycled gradient memory is released first,
-so its gradients count like everyone's). On CUDA: ``max_memory_allocated`` growth over the allocated
+temporaries, gradients; not parameters or inputs). On CUDA: ``max_memory_allocated`` growth over the allocated
 bytes before the step.
 
 JSON (``--json``): ``"meta"`` (command, versions, machine, threads, GEMM libraries), then one entry per case,
@@ -75,9 +68,9 @@ import os
 import platform
 import subprocess
 import sys
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +80,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import (interleaved_medians, max_rss_bytes, paired_ratio, reset_peak_rss,  # noqa: E402
                      rss_bytes, sync)
 
-from _output import cpu_description  # noqa: E402
+from _output import cpu_description, write_results  # noqa: E402
 from _megablocks import MEGABLOCKS_DTYPE, make_megablocks, megablocks_import_error, megablocks_problem  # noqa: E402
 
-from moemix.layers import GroupedExperts, SparseMoE  # noqa: E402
-from moemix.layers import expert_loop, expert_workers  # noqa: E402
-from moemix.layers.cpu_gemm import cpu_gemm, cpu_gemm_setting, set_cpu_gemm  # noqa: E402
-from moemix.layers.expert_workers import set_expert_workers  # noqa: E402
+from moemix.layers import SparseMoE  # noqa: E402
 
 D = 512
 
@@ -115,11 +105,6 @@ CONFIGS = [
 ]
 ROUTINGS = ("balanced", "skewed")
 MAIN_VARIANTS = ("moemix", "hf_loop", "gshard", "dense_active")
-SERIAL_LOOP = "loop_serial"  # --layouts name: the fused loop with its CPU worker threads turned off
-WORKERS_LOOP = "loop_workers"  # --layouts name: the fused loop on worker threads whatever the size rules say
-BLAS_LOOP = "loop_blas"  # --layouts name: the fused loop with its CPU products in torch.mm (moemix.layers.cpu_gemm)
-UNCHUNKED_LOOP = "loop_unchunked"  # --layouts name: the fused loop with every expert a chunk of its own
-LOOP_VARIANTS = (SERIAL_LOOP, WORKERS_LOOP, BLAS_LOOP, UNCHUNKED_LOOP)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -265,7 +250,7 @@ def make_variant(name: str, cfg: Config, moe: SparseMoE, args) -> Optional[nn.Mo
     if name.startswith("moemix:"):  # the same layer with one dispatch strategy forced
         layout = name.split(":", 1)[1]
         forced = SparseMoE(D, H, act_layer="silu", glu=True, bias=False, num_experts=E, k=k,
-                           dispatch_layout="loop" if layout in LOOP_VARIANTS else layout)
+                           dispatch_layout=layout)
         forced.load_state_dict(moe.state_dict())
         return forced
     if name == "hf_loop":
@@ -316,67 +301,7 @@ def make_step(name: str, module: nn.Module, x: torch.Tensor) -> Callable[[], Non
         x.grad = None
         forward_of(name, module, x).sum().backward()
 
-    setting = _variant_setting(name)
-    if setting is None:
-        return step
-
-    def step_in_setting():
-        with setting():
-            step()
-
-    return step_in_setting
-
-
-@contextmanager
-def _workers_off() -> Iterator[None]:
-    """The fused loop without its CPU worker threads."""
-    set_expert_workers(False)
-    try:
-        yield
-    finally:
-        set_expert_workers(True)
-
-
-@contextmanager
-def _workers_forced() -> Iterator[None]:
-    """The size rules lifted: workers whenever there are 2 threads and 2 hit experts."""
-    names = ("WORKERS_MIN_MEAN_ROWS", "WORKERS_MIN_EXPERTS", "WORKERS_MAX_EXPERT_MACS")
-    rules = [getattr(expert_workers, name) for name in names]
-    for name, lifted in zip(names, (0, 0, math.inf)):
-        setattr(expert_workers, name, lifted)
-    try:
-        yield
-    finally:
-        for name, rule in zip(names, rules):
-            setattr(expert_workers, name, rule)
-
-
-@contextmanager
-def _blas_gemms() -> Iterator[None]:
-    """The fused loop's CPU products in torch.mm whatever the machine."""
-    before = cpu_gemm_setting()
-    set_cpu_gemm("blas")
-    try:
-        yield
-    finally:
-        set_cpu_gemm(before)
-
-
-@contextmanager
-def _unchunked() -> Iterator[None]:
-    """Every expert of the fused loop a chunk of its own (moemix.layers.expert_loop.CHUNK_MAX_ELEMENTS)."""
-    budget = expert_loop.CHUNK_MAX_ELEMENTS
-    expert_loop.CHUNK_MAX_ELEMENTS = 0
-    try:
-        yield
-    finally:
-        expert_loop.CHUNK_MAX_ELEMENTS = budget
-
-
-def _variant_setting(name: str) -> Optional[Callable[[], ContextManager]]:
-    """The process-wide setting a forced-loop variant runs under (None: the defaults)."""
-    return {f"moemix:{SERIAL_LOOP}": _workers_off, f"moemix:{WORKERS_LOOP}": _workers_forced,
-            f"moemix:{BLAS_LOOP}": _blas_gemms, f"moemix:{UNCHUNKED_LOOP}": _unchunked}.get(name)
+    return step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,9 +369,6 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
         step()
     for p in module.parameters():
         p.grad = None
-    for m in module.modules():  # moemix keeps gradient memory between steps: count it in the step
-        if isinstance(m, GroupedExperts):
-            m.release_buffers()
     x.grad = None
     gc.collect()
     reset_peak_rss()
@@ -594,6 +516,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats, same four configurations")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write this description, the command and the table")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="parameters and input of every variant (default float32; the correctness check runs "
@@ -607,29 +530,17 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=256, help="GShard tokens per dispatch group (default 256)")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="GShard capacity factor (default 1.25)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layouts", default="", help="also time moemix with these dispatch strategies forced, "
-                   f"e.g. loop,sorted,padded,grouped_mm (the data behind the 'auto' rule); {SERIAL_LOOP} is the "
-                   f"fused loop without its CPU worker threads, {WORKERS_LOOP} the fused loop on worker threads "
-                   f"whatever their size rules say (the data behind those rules), {UNCHUNKED_LOOP} the fused loop "
-                   f"with every expert a chunk of its own, {BLAS_LOOP} the fused loop with its "
-                   "CPU products in torch.mm instead of oneDNN (moemix.layers.cpu_gemm)")
-    p.add_argument("--allocator", choices=("default", "reuse"), default="default",
-                   help="'reuse' calls moemix.utils.reuse_freed_memory() first (glibc keeps freed buffers; "
-                        "applies to every variant in the process)")
+    p.add_argument("--layouts", default="", help="also time moemix with these dispatch layouts forced, "
+                   "e.g. sorted,padded,grouped_mm (the data behind the 'auto' rule)")
     p.add_argument("--profile", metavar="CASES", default=None,
                    help="instead of timing, profile these cases (e.g. fine,small_coarse_skewed) for moemix, "
-                        "hf_loop and dense_active and print the GEMM share of each step (under the profiler "
-                        "the fused loop runs its experts serially, without its worker threads)")
+                        "hf_loop and dense_active and print the GEMM share of each step")
     p.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     configs = {c.name: c for c in CONFIGS}
-    if args.allocator == "reuse":
-        from moemix.utils import reuse_freed_memory
-        if not reuse_freed_memory():
-            sys.exit("--allocator reuse: could not change the allocator on this platform")
 
     if args.profile:
         cases = {(c.name if r == "balanced" else f"{c.name}_{r}"): (c, r) for c in CONFIGS for r in ROUTINGS}
@@ -648,21 +559,17 @@ def main(argv=None):
     routings = args.routings.split(",")
     header = (f"moemix MoE layer benchmark: fwd+bwd, D={D}, {args.dtype}, SwiGLU experts without bias, "
               f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-              f"allocator={args.allocator}, "
               f"{'quick' if args.quick else 'full'} run")
     print(header, flush=True)
 
     results: dict = {"meta": {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                               "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-                              "allocator": args.allocator,
                               "torch": torch.__version__, "python": platform.python_version(),
                               "platform": platform.platform(), "cpu_count": os.cpu_count(),
                               "gshard": {"capacity_factor": args.capacity_factor, "group_size": args.group_size}}}
     if torch.device(device).type == "cuda":
         results["meta"]["gpu"] = torch.cuda.get_device_name()
-    else:  # the library the fused loop's fp32 products run in by default on this machine
-        results["meta"]["cpu_gemm"] = cpu_gemm(torch.empty(1))
-        results["meta"]["cpu_gemm_weight_grad"] = cpu_gemm(torch.empty(1), product="weight_grad")
+    else:
         results["meta"]["cpu"] = cpu_description()
     try:
         import transformers
@@ -716,11 +623,10 @@ def main(argv=None):
             for name, why in case["skipped"].items():
                 print(f"   {name} not timed: {why}", flush=True)
 
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+    lines = print_table(rows)
+    where = results["meta"].get("gpu") or results["meta"].get("cpu")
+    write_results(results, lines, __doc__, f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {where}, "
+                  f"{args.dtype}, {torch.get_num_threads()} threads", args.json, args.markdown)
 
 
 def print_table(rows):
@@ -739,17 +645,15 @@ def print_table(rows):
                         f"{e['routing_stats']['max_over_mean_load']:.2f}",
                         "-" if e["gshard_dropped_fraction"] is None else f"{100 * e['gshard_dropped_fraction']:.1f}%"]
                      + [fmt_mb(mem.get(c)) for c in cols])
-    print()
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for line in lines:
-        print("| " + " | ".join(line) + " |")
-    print("\nms: median fwd+bwd time (lower is better); vs_hf_loop = hf_loop/moemix, median of per-round ratios "
-          "(higher is better); "
-          "vs_dense = moemix/dense_active (1.0 is the limit).\nmoemix computes its default aux losses "
-          "(switch + z-loss) in forward; only the output sum is back-propagated.\nMiB: peak memory of one "
-          "fwd+bwd beyond what was resident before it (CPU: peak-RSS growth in a fresh process; CUDA: "
-          "max_memory_allocated growth); balanced routing only.")
+    table = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    table += ["| " + " | ".join(line) + " |" for line in lines]
+    table += ["", "ms: median fwd+bwd time (lower is better); vs_hf_loop = hf_loop/moemix, median of per-round "
+              "ratios (higher is better); vs_dense = moemix/dense_active (1.0 is the limit). moemix computes its "
+              "default aux losses (switch + z-loss) in forward; only the output sum is back-propagated. MiB: peak "
+              "memory of one fwd+bwd beyond what was resident before it (CPU: peak-RSS growth in a fresh process; "
+              "CUDA: max_memory_allocated growth); balanced routing only."]
+    print("\n" + "\n".join(table))
+    return table
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Reusable Mixture-of-Experts building blocks."""
 from moemix.layers.activations import get_act_layer
-from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.dispatch import DispatchPlan, choose_layout, combine_tokens, dispatch_tokens, plan_dispatch
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.grouped_gemm import grouped_matmul
 from moemix.layers.moe_layer import MoELayer
@@ -12,6 +12,6 @@ from moemix.layers.sparse_moe import SparseMoE
 __all__ = [
     "TopKRouter", "RoutingDecision", "expert_capacity",
     "RoutedExperts", "GroupedExperts", "MoELayer", "SparseMoE", "replace_mlp_with_moe",
-    "DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "grouped_matmul",
+    "DispatchPlan", "plan_dispatch", "choose_layout", "dispatch_tokens", "combine_tokens", "grouped_matmul",
     "get_act_layer",
 ]

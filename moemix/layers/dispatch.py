@@ -1,33 +1,26 @@
-"""Dropless token dispatch: the one hot path every moemix MoE layer shares.
+"""Dropless token dispatch: the one path every moemix MoE layer shares.
 
-The ``N = T * k`` (token, expert) assignments are sorted by expert id once (:func:`plan_dispatch`, one
-host sync for the per-expert counts). Four strategies then run the experts:
-
-- ``"loop"``: a fused per-expert loop (:mod:`moemix.layers.expert_loop`): gather the expert's tokens,
-  GEMM, activation, GEMM, weighted ``index_add`` into the output, all in one autograd node whose
-  temporaries are per expert (experts with adjacent rows share the gather, activation and scatter).
-  Fastest on CPU for many rows per expert or large experts.
-- ``"sorted"``: an expert buffer of ``N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]``
-  rows (megablocks dMoE / scattermoe style), one GEMM per slice
-  (:func:`~moemix.layers.grouped_gemm.grouped_matmul`, like the two below).
-- ``"padded"``: an expert buffer of ``E * C`` rows, ``C = max(counts)``, viewed as ``[E, C, D]``; all
-  experts run as one batched GEMM. Pays for padding, saves per-expert calls: fastest on CPU when experts
-  get few rows each and little work per call (small batches of small experts) and routing is not too
-  skewed.
-- ``"grouped_mm"``: the sorted buffer, with every expert's slice in one
-  :func:`torch.nn.functional.grouped_mm` call (float32, bfloat16 or float16; the slice ends go to the kernel
-  as a device tensor, so the GEMMs need no host counts). ``"auto"`` picks it on CUDA in bfloat16.
-
-``"auto"`` picks per call with :func:`~moemix.layers.layout_rule.choose_layout` (rules measured by
-``benchmarks/moe_layer.py`` and ``benchmarks/dispatch_rule.py``). For the
-buffer layouts the combine and the dispatch backward are ``embedding_bag`` gather-reduces, so no
-serial scatter-add accumulates and the ``[T*k, D]`` per-assignment copies exist only where a GEMM
-needs them.
+The ``N = T * k`` (token, expert) assignments are sorted by expert id once (:func:`plan_dispatch`, one host
+sync for the per-expert counts), the tokens are gathered into an expert buffer (:func:`dispatch_tokens`),
+the experts run on it, and each token's ``k`` outputs are summed with its router weights
+(:func:`combine_tokens`, one ``embedding_bag`` gather-reduce, so no ``[T*k, D]`` copy is made for it)::
 
     x [T, D] --dispatch_tokens--> rows [R, D] --experts--> out_rows [R, D'] --combine_tokens(w)--> [T, D']
 
-Dropped assignments (capacity mode; loop and sorted only) sort to the end, where no expert reads
-them; their output is zero.
+Buffer layouts (``DispatchPlan.layout``):
+
+- ``"sorted"``: ``R = N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]`` rows (megablocks
+  dMoE / scattermoe style); the experts run one GEMM per slice.
+- ``"padded"``: ``R = E * C`` rows with ``C = max(counts)``, viewed as ``[E, C, D]`` so that all experts run
+  as one batched GEMM; the padding rows are zero and never read back.
+- ``"grouped_mm"``: the sorted rows, every slice in one :func:`torch.nn.functional.grouped_mm` call (its
+  slice ends, ``offsets``, stay on the device).
+
+``"auto"`` (:func:`choose_layout`) takes ``"grouped_mm"`` on CUDA in bfloat16/float16 when the experts can
+run it, ``"padded"`` while padding costs little (balanced routing; on CPU also few rows per expert), else
+``"sorted"``. On CPU, :class:`~moemix.layers.GroupedExperts` run the sorted layout as one loop over the
+experts (:mod:`moemix.layers.expert_loop`). Assignments dropped
+by a capacity limit get no buffer row and add zero to their token's output.
 """
 from __future__ import annotations
 
@@ -37,14 +30,15 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from moemix.layers._first_order import first_order_backward
 from moemix.layers._validate import check_choice
-from moemix.layers.layout_rule import choose_layout
-from moemix.layers.recycled_buffers import RecycledPool, take_or_empty
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "LAYOUTS"]
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "choose_layout", "LAYOUTS"]
 
-LAYOUTS = ("auto", "loop", "sorted", "padded", "grouped_mm")
+LAYOUTS = ("auto", "sorted", "padded", "grouped_mm")
+# Padded rows per routed row up to which "auto" runs the batched GEMM: on CPU padding costs as much as the
+# rows themselves, so only balanced routing; on CUDA one batched launch pays for far more.
+PADDED_MAX_WASTE = {"cpu": 1.25, "cuda": 4.0}
+PADDED_MAX_MEAN_ROWS_CPU = 128
 
 
 @dataclass
@@ -54,198 +48,125 @@ class DispatchPlan:
     Attributes:
         num_tokens: ``T``.
         k: experts per token.
-        slot: ``[N]`` buffer row of each flat assignment ``t * k + j``.
-        row_token: ``[R]`` source token of each buffer row; ``T`` for padding / dropped rows.
-        order: ``[R]`` flat assignment held by each row (sorted layout only, else None).
-        counts: per-expert assignment counts (host ints, length ``E``).
+        layout: ``"sorted"``, ``"padded"`` or ``"grouped_mm"``.
+        counts: kept assignments per expert (host ints, length ``E``).
         tokens_per_expert: the same counts as an ``[E]`` int64 tensor.
-        row_assignment: ``[R]`` flat assignment held by each row; ``N`` for padding / dropped rows.
-        capacity: rows per expert ``C`` in the padded layout, None in the sorted layout.
-        num_dropped: assignments dropped by a capacity limit (their rows trail the last expert).
-        layout: the strategy the experts run (``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``).
-        offsets: ``[E]`` int32 end row of each expert's slice (``grouped_mm`` layout only, else None).
+        slot: ``[T, k]`` buffer row of each assignment; ``R`` (one past the buffer) where dropped.
+        row_token: ``[R]`` source token of each buffer row; ``T`` for padding rows.
+        num_dropped: assignments dropped by a capacity limit.
+        capacity: rows per expert ``C`` (padded layout), else None.
+        offsets: ``[E]`` int32 end row of each expert's slice (grouped_mm layout), else None.
     """
 
     num_tokens: int
     k: int
-    slot: torch.Tensor
-    row_token: torch.Tensor
-    order: Optional[torch.Tensor]
+    layout: str
     counts: List[int]
     tokens_per_expert: torch.Tensor
-    row_assignment: torch.Tensor
-    capacity: Optional[int] = None
+    slot: torch.Tensor
+    row_token: torch.Tensor
     num_dropped: int = 0
-    layout: str = "sorted"
+    capacity: Optional[int] = None
     offsets: Optional[torch.Tensor] = None
 
     @property
     def num_rows(self) -> int:
+        """``R``, the rows of the expert buffer."""
         return self.row_token.numel()
 
+    @property
+    def num_experts(self) -> int:
+        return len(self.counts)
 
-def _ids_out_of_range(num_experts: int, how_many) -> ValueError:
-    return ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {how_many} outside "
-                      "that range")
+    def row_expert(self) -> torch.Tensor:
+        """``[R]`` expert of each buffer row (for per-expert values an expert applies row by row)."""
+        experts = torch.arange(self.num_experts, device=self.row_token.device)
+        if self.layout == "padded":
+            return experts.repeat_interleave(self.capacity)
+        return experts.repeat_interleave(self.tokens_per_expert, output_size=self.num_rows)
+
+
+def choose_layout(counts: List[int], device_type: str = "cpu", num_dropped: int = 0,
+                  grouped_mm_ok: bool = False) -> str:
+    """The layout ``"auto"`` takes for these per-expert ``counts`` on ``device_type``; ``grouped_mm_ok``: the
+    experts can run ``F.grouped_mm`` in the compute dtype (CUDA, bfloat16/float16, aligned widths).
+
+    One batched GEMM beats per-expert GEMMs while padding costs little and, on CPU, while experts get few
+    rows (with many rows each the per-expert GEMMs are as fast and their temporaries smaller).
+    """
+    if num_dropped:
+        return "sorted"
+    if grouped_mm_ok:
+        return "grouped_mm"
+    routed, hit = sum(counts), sum(1 for c in counts if c)
+    if routed == 0:
+        return "sorted"
+    balanced = len(counts) * max(counts) <= PADDED_MAX_WASTE.get(device_type, PADDED_MAX_WASTE["cpu"]) * routed
+    return "padded" if balanced and (device_type != "cpu" or routed / hit <= PADDED_MAX_MEAN_ROWS_CPU) else "sorted"
 
 
 def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.Tensor] = None,
-                  layout: str = "auto", macs_per_row: Optional[int] = None, grouped_mm_ok: bool = False,
-                  loop_gemm: str = "onednn"
-                  ) -> DispatchPlan:
-    """Plan the expert buffer for ``[T, k]`` expert ids.
+                  layout: str = "auto", grouped_mm_ok: bool = False) -> DispatchPlan:
+    """Plan the expert buffer for expert ids ``indices [T, k]``.
 
     Args:
-        indices: ``[T, k]`` int64 expert ids.
+        indices: ``[T, k]`` int64 expert ids in ``[0, num_experts)``.
         num_experts: ``E``.
-        kept: optional ``[T, k]`` bool; False assignments are dropped (forces the sorted layout).
-        layout: ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``. ``"loop"`` and
-            ``"grouped_mm"`` plan like ``"sorted"``; ``"loop"`` tells the experts to run the fused per-expert
-            loop (:mod:`moemix.layers.expert_loop`) instead of building the buffer, ``"grouped_mm"`` adds the
-            slice ends (``offsets``) for :func:`torch.nn.functional.grouped_mm`. Defaults to ``"auto"``
-            (:func:`~moemix.layers.layout_rule.choose_layout`).
-        macs_per_row: multiply-adds of one row through an expert's first layer (``in_features * H'``),
-            for the ``"auto"`` rule; None: rows per expert only.
-        grouped_mm_ok: for the ``"auto"`` rule, the experts can run the ``"grouped_mm"`` layout and gain by
-            it (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`). Defaults to False.
-        loop_gemm: for the ``"auto"`` rule on CPU, the library the fused loop's products would run in
-            (``"onednn_all"``, ``"onednn"`` or ``"blas"``, :func:`~moemix.layers.layout_rule.choose_layout`).
-            Defaults to ``"onednn"``.
+        kept: optional ``[T, k]`` bool; False assignments are dropped (capacity mode, not in the padded or
+            grouped_mm layouts).
+        layout: one of ``LAYOUTS``; ``"auto"`` asks :func:`choose_layout`.
+        grouped_mm_ok: for ``"auto"``, the experts can run the grouped_mm layout in the compute dtype.
     """
     check_choice("layout", layout, LAYOUTS)
     num_tokens, k = indices.shape
-    device = indices.device
     flat = indices.reshape(-1)
-    out_of_range = None
-    if kept is not None:  # dropped assignments go to bin E, so out-of-range ids are counted before masking
-        out_of_range = ((flat < 0) | (flat >= num_experts)).sum().view(1)
-        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, num_experts)).clamp_(0, num_experts)
-    # Float keys on CPU: its integer sorts take a slow parallel path (100x slower at 2 threads); ids < 2^24 are exact.
-    float_keys = device.type == "cpu" and num_experts < 2 ** 24
-    order = torch.sort(flat.float() if float_keys else flat, stable=True).indices
-    try:  # without a capacity, ids >= E land in bins E and beyond, and bincount refuses negative ones
-        bins = torch.bincount(flat, minlength=num_experts + 1)
-    except RuntimeError as exc:
-        raise _ids_out_of_range(num_experts, "some") from exc
-    # The one host sync: buffer sizes are needed on the host.
-    all_counts = (bins if out_of_range is None else torch.cat([bins, out_of_range])).tolist()
-    bad = all_counts.pop() if out_of_range is not None else sum(all_counts[num_experts:])
-    if bad:
-        raise _ids_out_of_range(num_experts, bad)
-    counts, num_dropped = all_counts[:num_experts], all_counts[num_experts]
-    tokens_per_expert = bins[:num_experts]
-    n = flat.numel()
-    if layout in ("padded", "grouped_mm") and num_dropped:
-        raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use layout='sorted' with a capacity")
+    bad = ((flat < 0) | (flat >= num_experts)).sum().view(1)
+    if kept is not None:  # dropped assignments go to bin E, after every expert
+        flat = torch.where(kept.reshape(-1), flat, num_experts).clamp_(0, num_experts)
+    bins = torch.bincount(flat.clamp(0, num_experts), minlength=num_experts + 1)
+    *counts, num_dropped, num_bad = torch.cat([bins, bad]).tolist()  # the one host sync
+    if num_bad:
+        raise ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {num_bad} outside "
+                         "that range")
+    if num_dropped and layout in ("padded", "grouped_mm"):
+        raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use 'sorted' or 'auto' with a "
+                         "capacity")
     if layout == "auto":
-        layout = choose_layout(counts, num_dropped, device.type, macs_per_row, grouped_mm_ok, loop_gemm)
-    arange = torch.arange(n, device=device)
-    if layout != "padded":
-        slot = torch.empty_like(order)
-        slot[order] = arange
-        row_token = torch.div(order, k, rounding_mode="floor")
-        row_assignment = order
-        if num_dropped:
-            row_token[n - num_dropped:] = num_tokens
-            row_assignment = order.clone()
-            row_assignment[n - num_dropped:] = n
-        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if layout == "grouped_mm" else None
-        return DispatchPlan(num_tokens, k, slot, row_token, order, counts, tokens_per_expert, row_assignment,
-                            None, num_dropped, layout, offsets)
-    capacity = max(counts, default=0)
-    expert_sorted = flat[order]
-    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-    slot_sorted = expert_sorted * capacity + (arange - starts[expert_sorted])
-    slot = torch.empty_like(order)
-    slot[order] = slot_sorted
-    row_token = torch.full((num_experts * capacity,), num_tokens, dtype=torch.long, device=device)
-    row_token[slot_sorted] = torch.div(order, k, rounding_mode="floor")
-    row_assignment = torch.full((num_experts * capacity,), n, dtype=torch.long, device=device)
-    row_assignment[slot_sorted] = order
-    return DispatchPlan(num_tokens, k, slot, row_token, None, counts, tokens_per_expert, row_assignment, capacity, 0,
-                        "padded")
+        layout = choose_layout(counts, indices.device.type, num_dropped, grouped_mm_ok)
+    # CPU sorts of integer keys take a slow parallel path; float keys sort exactly below 2**24 experts.
+    keys = flat.float() if flat.device.type == "cpu" and num_experts < 2 ** 24 else flat
+    order = torch.sort(keys, stable=True).indices
+    routed = flat.numel() - num_dropped
+    tokens_per_expert = bins[:num_experts]
+    row_token = torch.div(order[:routed], k, rounding_mode="floor")
+    rank = torch.arange(flat.numel(), device=flat.device)
+    capacity = offsets = None
+    if layout == "padded":
+        capacity = max(counts, default=0)
+        expert = flat[order]
+        starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        rank = expert * capacity + (rank - starts[expert])
+        row_token = torch.full((num_experts * capacity,), num_tokens, dtype=torch.long,
+                               device=flat.device).index_copy_(0, rank, row_token)
+    elif layout == "grouped_mm":
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    slot = torch.empty_like(order).index_copy_(0, order, rank)
+    if num_dropped:
+        slot = slot.clamp_(max=routed)  # the dropped ranks trail the kept ones: all point one past the buffer
+    return DispatchPlan(num_tokens, k, layout, counts, tokens_per_expert, slot.view(num_tokens, k), row_token,
+                        num_dropped, capacity, offsets)
 
 
-class _DispatchTokens(torch.autograd.Function):
-    """``x [T, D] -> rows [R, D]`` (zero rows for padding); backward sums each token's k copies."""
-
-    @staticmethod
-    def forward(ctx, x, row_token, slot, k, has_empty_rows, pool):
-        ctx.save_for_backward(slot)
-        ctx.k = k
-        if has_empty_rows:  # padding / dropped rows read an appended zero row
-            x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-        return torch.index_select(x, 0, row_token, out=take_or_empty(pool, x, (row_token.numel(), x.shape[-1])))
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, grad):
-        (slot,) = ctx.saved_tensors
-        # grad_x[t] = sum_j grad[slot[t, j]]: a gather-reduce that never materialises [T*k, D]
-        grad_x = F.embedding_bag(slot.view(-1, ctx.k), grad, mode="sum")
-        return grad_x, None, None, None, None, None
+def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Tokens ``x [T, D]`` -> expert buffer rows ``[R, D]`` (zero rows for padding)."""
+    if plan.layout == "padded" and plan.num_rows > plan.slot.numel():
+        x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
+    return x.index_select(0, plan.row_token)
 
 
-def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan, pool: Optional[RecycledPool] = None) -> torch.Tensor:
-    """Copy tokens ``[T, D]`` into the expert buffer ``[R, D]`` described by ``plan`` (into memory recycled
-    across steps from ``pool`` when given)."""
-    return _DispatchTokens.apply(x, plan.row_token, plan.slot, plan.k, _has_empty_rows(plan), pool)
-
-
-def _has_empty_rows(plan: DispatchPlan) -> bool:
-    """Whether the buffer has rows that hold no assignment (padding, dropped assignments)."""
-    return plan.num_rows > plan.slot.numel() or plan.num_dropped > 0
-
-
-class _CombineTokens(torch.autograd.Function):
-    """``rows [R, D], w [T, k] -> y[t] = sum_j w[t, j] * rows[slot[t, j]]``, gather-reduces only."""
-
-    @staticmethod
-    def forward(ctx, rows, weights, slot, row_token, row_weight_index, has_empty_rows, pool):
-        num_tokens, k = weights.shape
-        w = weights.to(rows.dtype)
-        ctx.save_for_backward(rows, w, slot, row_token, row_weight_index)
-        ctx.weights_dtype, ctx.pool, ctx.has_empty_rows = weights.dtype, pool, has_empty_rows
-        return F.embedding_bag(slot.view(num_tokens, k), rows, mode="sum", per_sample_weights=w)
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, grad):
-        rows, w, slot, row_token, row_weight_index = ctx.saved_tensors
-        grad = grad.to(rows.dtype).contiguous()
-        if grad.shape[0] == 0:
-            return torch.zeros_like(rows), torch.zeros_like(w, dtype=ctx.weights_dtype), None, None, None, None, None
-        # grad of row r is grad[token of r] (unweighted first, for the weight gradient)
-        safe_token = row_token.clamp(max=grad.shape[0] - 1)
-        grad_rows = torch.index_select(grad, 0, safe_token, out=take_or_empty(ctx.pool, rows))
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            dots = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
-            chunk = max(1, min(rows.shape[0], _CHUNK_ROWS))  # chunked: no [R, D] temporary
-            products = take_or_empty(ctx.pool, rows, (chunk, rows.shape[1]))
-            for start in range(0, rows.shape[0], chunk):
-                stop = min(start + chunk, rows.shape[0])
-                torch.mul(rows[start:stop], grad_rows[start:stop], out=products[:stop - start])
-                torch.sum(products[:stop - start], dim=-1, out=dots[start:stop])
-            del products
-            grad_w = dots.index_select(0, slot).view_as(w).to(ctx.weights_dtype)
-        # padding and dropped rows point at an appended zero weight, so their gradient is zero
-        row_weights = torch.cat([w.reshape(-1), w.new_zeros(1)]) if ctx.has_empty_rows else w.reshape(-1)
-        grad_rows.mul_(row_weights.index_select(0, row_weight_index).unsqueeze(-1))
-        return grad_rows, grad_w, None, None, None, None, None
-
-
-_CHUNK_ROWS = 4096
-
-
-def combine_tokens(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-                   pool: Optional[RecycledPool] = None) -> torch.Tensor:
-    """Weighted sum of each token's ``k`` expert outputs: ``[R, D], [T, k] -> [T, D]``.
-
-    ``y[t] = sum_j weights[t, j] * rows[slot[t, j]]`` as one ``embedding_bag`` gather-reduce, so the
-    ``[T*k, D]`` per-assignment outputs are never materialised. The backward gathers the output
-    gradient once per row and takes the weight gradients as row-wise dot products; with ``pool`` the
-    gathered ``[R, D]`` gradient and the products reuse memory across steps.
-    """
-    return _CombineTokens.apply(rows, weights, plan.slot, plan.row_token, plan.row_assignment, _has_empty_rows(plan),
-                                pool)
+def combine_tokens(out_rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """``y[t] = sum_j weights[t, j] * out_rows[slot[t, j]]``: ``[R, D'], [T, k] -> [T, D']``, dropped
+    assignments adding zero."""
+    if plan.num_dropped:  # they point one past the buffer, at a zero row
+        out_rows = torch.cat([out_rows, out_rows.new_zeros(1, out_rows.shape[-1])])
+    return F.embedding_bag(plan.slot, out_rows, mode="sum", per_sample_weights=weights.to(out_rows.dtype))

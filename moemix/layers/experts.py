@@ -8,15 +8,11 @@ import torch
 from torch import nn
 
 from moemix.layers._validate import as_pair, check_bool, check_last_dim, check_positive_int, check_probability
-from moemix.layers.activations import gated_activation, get_act_layer
-from moemix.layers.cpu_gemm import cpu_gemm
-from moemix.layers.dispatch import DispatchPlan, plan_dispatch
-from moemix.layers.expert_loop import fused_expert_mlp, fused_loop_supports, saved_tensor_hooks_active
-from moemix.layers.grouped_gemm import autocast_dtype, grouped_matmul
-from moemix.layers.layout_rule import grouped_mm_pays_off
-from moemix.layers.recycled_buffers import RecycledBuffer, RecycledPool
+from moemix.layers.activations import gated_activation, get_act_layer, recomputable
+from moemix.layers.dispatch import DispatchPlan
+from moemix.layers.expert_loop import expert_loop
+from moemix.layers.grouped_gemm import grouped_matmul, grouped_mm_supported
 from moemix.layers.routed_experts import RoutedExperts
-from moemix.layers.router import RoutingDecision
 
 __all__ = ["GroupedExperts"]
 
@@ -43,11 +39,9 @@ class GroupedExperts(RoutedExperts):
             ``Mlp``). Defaults to 0.
 
     Shapes:
-        ``forward(x [R, D], counts, capacity=None, offsets=None) -> [R, out]`` on an expert buffer: rows
-        sorted by expert with ``counts[e]`` rows for expert ``e``, or, with ``capacity``, ``capacity`` rows
-        per expert (padded layout), or, with ``offsets`` (``[E]`` int32 slice ends), the sorted rows in
-        :func:`torch.nn.functional.grouped_mm` (see :mod:`moemix.layers.dispatch`). ``counts=None`` with a
-        single expert runs every row through it (a dense FFN, as the shared expert of ``SparseMoE``).
+        ``forward(rows [R, D], plan) -> [R, out]`` on the expert buffer of a
+        :class:`~moemix.layers.DispatchPlan`; ``plan=None`` with a single expert runs every row through it
+        (a dense FFN, as the shared expert of ``SparseMoE``).
     """
 
     def __init__(
@@ -91,9 +85,6 @@ class GroupedExperts(RoutedExperts):
         self.act = get_act_layer(act_layer)().to(**{k: v for k, v in dd.items() if v is not None})  # PReLU, ...
         self.drop1 = nn.Dropout(drop1)
         self.drop2 = nn.Dropout(drop2)
-        self._grad_buffers = (RecycledBuffer(), RecycledBuffer())  # recycled w1 / w2 gradients (CPU)
-        self._workspace = RecycledBuffer()  # recycled activations the fused loop keeps for the backward (CPU)
-        self._row_pool = RecycledPool()  # recycled temporaries of the padded and sorted layouts (CPU)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,15 +94,6 @@ class GroupedExperts(RoutedExperts):
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
-
-    def release_buffers(self) -> None:
-        """Let go of the recycled memory kept between steps (CPU; e.g. before a long evaluation): the weight
-        gradients', the fused loop's saved activations' and the expert buffer rows'. The next step allocates
-        afresh; nothing else changes.
-        """
-        self._grad_buffers = (RecycledBuffer(), RecycledBuffer())
-        self._workspace = RecycledBuffer()
-        self._row_pool = RecycledPool()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
@@ -158,84 +140,27 @@ class GroupedExperts(RoutedExperts):
         return torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
                           for layer in layers])
 
-    def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
-        """The dispatch plan for tokens ``x [T, D]``; ``"auto"`` weighs rows per expert, the experts' size, the
-        CPU GEMM library of the fused loop and whether ``F.grouped_mm`` pays off
-        (:func:`~moemix.layers.layout_rule.choose_layout`)."""
-        auto = layout == "auto"
-        return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout,
-                             self.in_features * self.w1.shape[-1], auto and self.grouped_mm_pays_off(x),
-                             self.loop_gemm(x) if auto else "onednn")
+    def grouped_mm_ok(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether ``"auto"`` may run these experts in ``F.grouped_mm`` (CUDA, bfloat16/float16, 16-byte rows)."""
+        widths = (self.in_features, self.w1.shape[-1], self.hidden_features, self.out_features)
+        return grouped_mm_supported(device_type, dtype, widths)
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]`` and a plan.
-
-        Runs the fused per-expert loop for ``plan.layout == "loop"`` (except with dropout in training, an
-        activation without a closed-form derivative, see :func:`~moemix.layers.expert_loop.fused_loop_supports`,
-        or while saved-tensor hooks are set, see :func:`~moemix.layers.expert_loop.saved_tensor_hooks_active`),
-        else dispatch into the expert buffer, :meth:`forward`, combine.
-        """
+        """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])``. On CPU the sorted layout runs as one loop
+        over the experts (:mod:`moemix.layers.expert_loop`: small per-expert temporaries, only the hidden
+        activations kept) when the activation can be recomputed and no dropout is active."""
         dropout = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
-        if (plan.layout == "loop" and fused_loop_supports(self.act) and not dropout
-                and not (torch.is_grad_enabled() and saved_tensor_hooks_active())):
-            return fused_expert_mlp(x, weights, plan.order, plan.counts, plan.k, self.w1, self.b1, self.w2, self.b2,
-                                    self.act, self.glu, self._grad_buffers, self._workspace)
+        if plan.layout == "sorted" and x.device.type == "cpu" and recomputable(self.act) and not dropout:
+            return expert_loop(x, weights, plan, self.act, self.glu, self.w1, self.b1, self.w2, self.b2)
         return super().forward_routed(x, weights, plan)
 
-    def expert_rows(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """:meth:`forward` on the expert buffer; it already leaves zeros in the dropped assignments' rows."""
-        return self(rows, plan.counts, plan.capacity, plan.offsets)
-
-    def grouped_mm_pays_off(self, x: torch.Tensor) -> bool:
-        """Whether ``"auto"`` should run these experts on ``x`` in the ``"grouped_mm"`` layout
-        (:func:`~moemix.layers.layout_rule.grouped_mm_pays_off`, in the autocast dtype when autocast is on)."""
-        device_type = x.device.type
-        dtype = autocast_dtype(device_type) or self.w1.dtype
-        widths = (self.in_features, self.w1.shape[-1], self.hidden_features, self.out_features)
-        return grouped_mm_pays_off(device_type, dtype, widths)
-
-    def loop_gemm(self, x: torch.Tensor) -> str:
-        """The library the fused loop would run its products in on ``x`` in a plain run
-        (:func:`~moemix.layers.cpu_gemm.cpu_gemm`): ``"onednn_all"`` (every product in oneDNN), ``"onednn"`` (the
-        layers and input gradients; the weight gradients in BLAS) or ``"blas"``. In the autocast dtype when
-        autocast is on; tracing and Python modes such as ``FlopCounterMode`` left out, so they see the layout a
-        plain run takes. The ``"auto"`` rule weighs it (:func:`~moemix.layers.layout_rule.choose_layout`)."""
-        dtype = autocast_dtype(x.device.type) or x.dtype
-        probe = x if dtype == x.dtype else torch.empty(0, dtype=dtype, device=x.device)
-        forward = cpu_gemm(probe, modes=False)
-        if forward == "onednn" and cpu_gemm(probe, modes=False, product="weight_grad") == "onednn":
-            return "onednn_all"
-        return forward
-
-    def _check_counts(self, counts: List[int], capacity: Optional[int], rows: int) -> None:
-        """``counts`` must describe the ``rows`` of the expert buffer (see the class doc)."""
-        if len(counts) != self.num_experts:
-            raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
-        if any(c < 0 for c in counts):
-            raise ValueError(f"counts must be >= 0, got {list(counts)}")
-        if capacity is None:
-            if sum(counts) > rows:
-                raise ValueError(f"counts sum to {sum(counts)} rows but x has {rows}")
-            return
-        if capacity < 0 or rows != self.num_experts * capacity:
-            raise ValueError(f"with capacity={capacity}, x must have num_experts * capacity = "
-                             f"{self.num_experts * capacity} rows, got {rows}")
-        if max(counts, default=0) > capacity:
-            raise ValueError(f"counts must be <= capacity={capacity} in the padded layout, got {list(counts)}")
-
-    def forward(self, x: torch.Tensor, counts: Optional[List[int]] = None, capacity: Optional[int] = None,
-                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_last_dim(type(self).__name__, x, self.in_features)
-        if counts is None:
-            if self.num_experts != 1:
-                raise ValueError(f"counts may be None only with a single expert, this layer has "
-                                 f"num_experts={self.num_experts}")
-            counts = [x.shape[0]]
-        self._check_counts(counts, capacity, x.shape[0])
-        if offsets is not None and capacity is not None:
-            raise ValueError("offsets (grouped_mm layout) and capacity (padded layout) exclude each other")
-        pool = self._row_pool
-        h = grouped_matmul(x, self.w1, counts, self.b1, capacity, self._grad_buffers[0], pool, offsets)
-        h = gated_activation(h, self.act, pool) if self.glu else self.act(h)
-        h = self.drop1(h)
-        return self.drop2(grouped_matmul(h, self.w2, counts, self.b2, capacity, self._grad_buffers[1], pool, offsets))
+    def forward(self, rows: torch.Tensor, plan: Optional[DispatchPlan] = None) -> torch.Tensor:
+        check_last_dim(type(self).__name__, rows, self.in_features)
+        if plan is None and self.num_experts != 1:
+            raise ValueError(f"plan may be None only with a single expert, this layer has "
+                             f"num_experts={self.num_experts}")
+        if plan is not None and plan.num_experts != self.num_experts:
+            raise ValueError(f"plan must route to num_experts={self.num_experts} experts, it has {plan.num_experts}")
+        h = grouped_matmul(rows, self.w1, plan, self.b1)
+        h = self.drop1(gated_activation(h, self.act) if self.glu else self.act(h))
+        return self.drop2(grouped_matmul(h, self.w2, plan, self.b2))

@@ -25,7 +25,7 @@ def check_layer_options(aux_loss: Optional[str], aux_loss_coef: float, z_loss_co
     check_choice("dispatch_layout", dispatch_layout, LAYOUTS)
     if dispatch_layout in ("padded", "grouped_mm") and capacity_factor is not None:
         raise ValueError(f"dispatch_layout={dispatch_layout!r} cannot hold the assignments a capacity_factor "
-                         "drops; use 'auto', 'loop' or 'sorted' with capacity_factor")
+                         "drops; use 'auto' or 'sorted' with capacity_factor")
 
 
 def _check_parts(router: nn.Module, experts: nn.Module, shared_expert: Optional[nn.Module],
@@ -83,11 +83,11 @@ class MoELayer(nn.Module):
             ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert) or, with ``shared_gate``,
             ``moe(x) + sigmoid(shared_gate(x)) * shared(x)`` (Qwen2-MoE).
         shared_gate: ``[T, D] -> [T, 1]`` gate of the shared expert (e.g. ``nn.Linear(D, 1, bias=False)``).
-        dispatch_layout: ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``, handed to
+        dispatch_layout: ``"auto"``, ``"sorted"``, ``"padded"`` or ``"grouped_mm"``, handed to
             ``experts.plan_routing`` (see :mod:`moemix.layers.dispatch`); only speed depends on it, except
             that ``"padded"`` and ``"grouped_mm"`` refuse dropped assignments (a router with a capacity) and
-            ``"grouped_mm"`` needs experts that can run it (``GroupedExperts``: 16-byte rows). Defaults to
-            ``"auto"``.
+            ``"grouped_mm"`` needs experts that can run it (``GroupedExperts``: float32/bfloat16/float16,
+            16-byte rows). Defaults to ``"auto"``.
 
     Shapes:
         ``[..., D] -> [..., D']``.

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
 
 import torch
 from torch import nn
 
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
-from moemix.layers.recycled_buffers import RecycledPool
 from moemix.layers.router import RoutingDecision
 
 __all__ = ["RoutedExperts"]
@@ -17,24 +15,18 @@ __all__ = ["RoutedExperts"]
 class RoutedExperts(nn.Module):
     """Base class of a set of experts behind :class:`~moemix.layers.MoELayer` (and so ``SparseMoE``).
 
-    A subclass sets ``num_experts``, ``in_features`` and ``out_features`` and implements ``forward`` on the
-    expert buffer that :func:`~moemix.layers.dispatch_tokens` builds::
+    A subclass sets ``num_experts``, ``in_features`` and ``out_features`` and implements one method::
 
-        forward(rows [R, D], counts, capacity=None, offsets=None) -> [R, D']
+        forward(rows [R, D], plan) -> [R, D']
 
-    ``rows`` are sorted by expert, ``counts[e]`` (host ints) rows for expert ``e``; with ``capacity`` every
-    expert owns ``capacity`` rows (padded layout; the padding rows are zero and their outputs are never
-    read). In capacity mode the dropped assignments' rows (zero) trail the last expert's; the base class
-    replaces their outputs by zeros, so ``forward`` may leave anything there. ``offsets`` (``[E]`` int32
-    slice ends, ``"grouped_mm"`` layout) may be ignored: the rows are the sorted ones. ``forward`` must
-    return one output row per input row. Everything else comes from this class: :meth:`plan_routing` sorts
-    the router's assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows, runs
-    ``forward`` and sums each token's expert outputs with its router weights. A subclass with a faster path
-    overrides those two (:class:`~moemix.layers.GroupedExperts`: its fused per-expert loop, and an
-    ``"auto"`` rule that weighs the experts' size); one that overrides ``forward_routed`` need not implement
-    ``forward`` at all. :meth:`select_experts` cuts out a subset of the experts (expert parallelism,
-    :func:`moemix.parallel.shard_experts`, which runs the rows a rank receives through ``plan_routing`` and
-    ``forward_routed`` too).
+    ``rows`` is the expert buffer of ``plan`` (a :class:`~moemix.layers.DispatchPlan`): rows sorted by expert,
+    ``plan.counts[e]`` of them for expert ``e`` (or ``plan.capacity`` each in the padded layout, padding rows
+    zero). :func:`~moemix.layers.grouped_matmul` runs stacked ``[E, in, out]`` weights on it in any layout,
+    so most experts need nothing else. Everything around it comes from this class: :meth:`plan_routing`
+    sorts the router's assignments by expert (one host sync) and :meth:`forward_routed` gathers the rows,
+    runs ``forward`` and sums each token's expert outputs with its router weights. Experts that can run
+    ``F.grouped_mm`` say so in :meth:`grouped_mm_ok`. :meth:`select_experts` cuts out a subset of the experts
+    (expert parallelism, :func:`moemix.parallel.shard_experts`).
 
     Example (linear experts, one ``[D, D']`` matrix each):
         >>> from moemix.layers import MoELayer, TopKRouter, grouped_matmul
@@ -43,8 +35,8 @@ class RoutedExperts(nn.Module):
         ...         super().__init__()
         ...         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         ...         self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features) / in_features ** 0.5)
-        ...     def forward(self, rows, counts, capacity=None, offsets=None):
-        ...         return grouped_matmul(rows, self.weight, counts, capacity=capacity)
+        ...     def forward(self, rows, plan):
+        ...         return grouped_matmul(rows, self.weight, plan)
         >>> layer = MoELayer(TopKRouter(16, num_experts=4, k=2), LinearExperts(4, 16, 32))
         >>> layer(torch.randn(3, 5, 16)).shape
         torch.Size([3, 5, 32])
@@ -53,28 +45,21 @@ class RoutedExperts(nn.Module):
     num_experts: int
     in_features: int
     out_features: int
-    _row_pool: Optional[RecycledPool] = None  # recycled dispatch/combine temporaries (CPU), if a subclass keeps one
+
+    def grouped_mm_ok(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether ``"auto"`` may run these experts in the grouped_mm layout (here: never)."""
+        return False
 
     def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
-        """The dispatch plan for tokens ``x [T, D]`` routed by ``decision`` in ``layout``
-        (:func:`~moemix.layers.plan_dispatch`; ``"auto"`` weighs rows per expert only, and ``"loop"`` plans
-        the sorted buffer unless ``forward_routed`` runs a loop of its own)."""
-        return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout)
+        """The dispatch plan for tokens ``x [T, D]`` routed by ``decision`` (:func:`~moemix.layers.plan_dispatch`)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        grouped_mm_ok = layout == "auto" and self.grouped_mm_ok(x.device.type, dtype)
+        return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout, grouped_mm_ok)
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])`` for tokens ``x [T, D]``, ``weights [T, k]``."""
-        rows = dispatch_tokens(x, plan, self._row_pool)
-        return combine_tokens(self.expert_rows(rows, plan), weights, plan, self._row_pool)
-
-    def expert_rows(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """``forward`` on the expert buffer ``rows [R, D]`` -> ``[R, D']``, its row count checked and the
-        dropped assignments' outputs replaced by zeros (a subclass whose ``forward`` leaves zeros there may
-        skip that)."""
-        out_rows = self.check_output_rows(self(rows, plan.counts, plan.capacity, plan.offsets), rows)
-        if plan.num_dropped:  # whatever forward left in the dropped rows, they add nothing
-            routed = rows.shape[0] - plan.num_dropped
-            out_rows = torch.cat([out_rows[:routed], out_rows.new_zeros(plan.num_dropped, out_rows.shape[1])])
-        return out_rows
+        rows = dispatch_tokens(x, plan)
+        return combine_tokens(self.check_output_rows(self(rows, plan), rows), weights, plan)
 
     def check_output_rows(self, out_rows: torch.Tensor, rows: torch.Tensor, method: str = "forward") -> torch.Tensor:
         """``out_rows`` if ``method`` returned one row per row of ``rows`` (2-D), else ``ValueError``."""
@@ -118,7 +103,5 @@ class RoutedExperts(nn.Module):
         selected.num_experts = stop - start
         return selected
 
-    def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
-                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement forward(rows, counts, capacity=None, "
-                                  "offsets=None) on the expert buffer")
+    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(rows, plan) on the expert buffer")

@@ -56,7 +56,7 @@ class SparseMoE(MoELayer):
         shared_expert: None; ``"gated"`` adds ``sigmoid(g(x)) * shared(x)`` (Qwen2-MoE); ``"averaged"``
             returns ``(moe(x) + shared(x)) / 2`` (GNT-MOVE permanent expert). Defaults to None.
         shared_hidden_features: hidden width of the shared expert. Defaults to ``hidden_features``.
-        dispatch_layout: dispatch strategy, ``"auto"``, ``"loop"``, ``"sorted"``, ``"padded"`` or
+        dispatch_layout: dispatch strategy, ``"auto"``, ``"sorted"``, ``"padded"`` or
             ``"grouped_mm"`` (see :mod:`moemix.layers.dispatch`); the result is the same, only speed differs.
             ``"padded"`` and ``"grouped_mm"`` cannot hold dropped assignments, so they are refused with
             ``capacity_factor``. Defaults to "auto".

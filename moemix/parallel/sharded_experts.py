@@ -111,7 +111,7 @@ class ShardedExperts(RoutedExperts):
     received rows are tokens routed to one local expert each with weight 1 (a :class:`RoutingDecision` with
     ``k = 1``, one-hot ``probs``): ``local.plan_routing`` plans them in the layer's ``dispatch_layout`` and
     ``local.forward_routed`` runs them, so the local experts take the same paths as in a single process
-    (``GroupedExperts``: its ``"auto"`` rule, fused CPU loop, padded batches, ``F.grouped_mm``), and experts
+    (``GroupedExperts``: its ``"auto"`` rule, padded batches, ``F.grouped_mm``), and experts
     that implement only ``forward_routed`` shard as well. A rank whose experts receive no rows still joins
     both exchanges in the backward, whatever its experts return for no rows.
 
@@ -180,13 +180,9 @@ class ShardedExperts(RoutedExperts):
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{e(t, j)}(x[t])``, the experts wherever they live."""
-        x_sorted = dispatch_tokens(x, plan)
-        routed = x_sorted.shape[0] - plan.num_dropped  # dropped rows trail; they are never sent
-        y_routed = self._remote_experts(x_sorted[:routed], plan.tokens_per_expert, plan.counts,
+        y_sorted = self._remote_experts(dispatch_tokens(x, plan), plan.tokens_per_expert, plan.counts,
                                         getattr(plan, "local_layout", "auto"))
-        if plan.num_dropped:
-            y_routed = torch.cat([y_routed, y_routed.new_zeros(plan.num_dropped, y_routed.shape[-1])])
-        return combine_tokens(y_routed, weights, plan)
+        return combine_tokens(y_sorted, weights, plan)
 
     def _remote_experts(self, x: torch.Tensor, send_counts: torch.Tensor, send_host: List[int],
                         layout: str) -> torch.Tensor:
@@ -253,8 +249,7 @@ class ShardedExperts(RoutedExperts):
         num_experts, world_size, first, end = record.tolist()
         return f"experts {first}..{end - 1} of {num_experts} sharded over {world_size} ranks"
 
-    def forward(self, rows: torch.Tensor, counts: List[int], capacity: Optional[int] = None,
-                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         raise RuntimeError("ShardedExperts run through forward_routed (their experts live on several ranks); "
                            "call local(...) for this rank's experts")
 

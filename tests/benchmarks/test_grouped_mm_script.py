@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from tests.benchmarks.test_row_buffers_script import ROOT, _run
+from tests.benchmarks._script import ROOT, run_script as _run
 
 
 def test_grouped_mm_benchmark_checks_times_and_writes(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moemix.layers import SparseMoE
-from tests.benchmarks.test_row_buffers_script import ROOT, _run
+from tests.benchmarks._script import ROOT, run_script as _run
 
 
 def _load_peer():

@@ -1,64 +1,27 @@
+"""Activations by name and the gated activation act(gate) * up."""
 import pytest
 import torch
 from torch import nn
 
-from moemix.layers.activations import activation_backward, activation_forward, gated_activation
-
-
-CLOSED_FORM = [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.Identity()]
-
-
-def _autograd_case(act):
-    """Input, output gradient, output and autograd's input gradient of ``act`` on a small float64 batch."""
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(7, 5, dtype=torch.float64)
-    out = act(x)
-    (expected,) = torch.autograd.grad(out, x, grad)
-    return x.detach(), grad, out.detach(), expected
-
-
-@pytest.mark.parametrize("act", CLOSED_FORM)
-def test_closed_form_backward_equals_autograd(act):
-    x, grad, out, expected = _autograd_case(act)
-    backward = activation_backward(act)
-    assert backward is not None
-    torch.testing.assert_close(backward(grad, x, out), expected)
-
-
-def test_no_closed_form_for_other_modules():
-    assert activation_backward(nn.Softplus()) is None
-
-
-def test_subclass_is_not_trusted():
-    class Shifted(nn.SiLU):
-        def forward(self, x):
-            return super().forward(x) + 1
-
-    assert activation_backward(Shifted()) is None
-
-
-@pytest.mark.parametrize("act", CLOSED_FORM)
-def test_closed_form_backward_writes_into_a_strided_out(act):
-    x, grad, out, expected = _autograd_case(act)
-    target = torch.full((7, 12), float("nan"), dtype=torch.float64)
-    result = activation_backward(act)(grad, x, out, out=target[:, 3:8])
-    assert result.data_ptr() == target[:, 3:8].data_ptr()
-    torch.testing.assert_close(target[:, 3:8], expected)
-    assert torch.isnan(target[:, :3]).all() and torch.isnan(target[:, 8:]).all()
+from moemix.layers import get_act_layer
+from moemix.layers.activations import gated_activation, recomputable
 
 
 class _TimesSoftplus(nn.Module):
-    """No closed form: its gradient comes from autograd on a recomputed forward."""
+    """A user activation: not recomputed, stock autograd."""
 
     def forward(self, x):
         return x * nn.functional.softplus(x)
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(inplace=True),
-                                 nn.SiLU(inplace=True), nn.Tanh(), nn.Sigmoid(), nn.Identity(), _TimesSoftplus()])
-def test_gated_activation_equals_slices_by_autograd(act):
-    h = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, 4, 5, dtype=torch.float64)
+                                 nn.SiLU(inplace=True), nn.Tanh(), nn.Sigmoid(), nn.Identity(), nn.Softplus(),
+                                 _TimesSoftplus()])
+def test_gated_activation_equals_slices_by_autograd(act, monkeypatch):
+    import moemix.layers.activations as activations
+    monkeypatch.setattr(activations, "_CHUNK_ELEMENTS", 10)  # several chunks in the backward
+    h = torch.randn(12, 10, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(12, 5, dtype=torch.float64)
     out = gated_activation(h, act)
     (got,) = torch.autograd.grad(out, h, grad)
     h_ref = h.detach().clone().requires_grad_(True)
@@ -67,6 +30,16 @@ def test_gated_activation_equals_slices_by_autograd(act):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(got, expected)
     assert torch.equal(h.detach(), h_ref.detach())  # an in-place activation never touched h
+
+
+def test_only_parameter_free_torch_activations_are_recomputed():
+    class Shifted(nn.SiLU):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    assert recomputable(nn.SiLU()) and recomputable(nn.GELU()) and recomputable(nn.Identity())
+    assert not recomputable(nn.PReLU()) and not recomputable(nn.RReLU())  # parameters, randomness
+    assert not recomputable(Shifted()) and not recomputable(_TimesSoftplus())
 
 
 def test_gated_activation_needs_an_even_width():
@@ -88,18 +61,14 @@ def test_gated_activation_refuses_double_backward_clearly():
         torch.autograd.grad(gated_activation(h, nn.SiLU()).pow(2).sum(), h, create_graph=True)
 
 
-@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(inplace=True), nn.Tanh(),
-                                 nn.Sigmoid(), nn.Identity()])
-def test_forward_into_a_strided_out_leaves_the_input_alone(act):
-    x = torch.randn(7, 5, dtype=torch.float64)
-    x[0, 0] = float("nan")
-    before = x.clone()
-    target = torch.full((7, 9), -1.0, dtype=torch.float64)
-    activation_forward(act)(x, target[:, 2:7])
-    torch.testing.assert_close(target[:, 2:7], act(x.clone()), equal_nan=True)
-    torch.testing.assert_close(x, before, equal_nan=True)
-    assert (target[:, :2] == -1).all() and (target[:, 7:] == -1).all()
-    assert activation_forward(nn.Softplus()) is None
+def test_get_act_layer_by_name_type_or_instance():
+    assert isinstance(get_act_layer("swish")(), nn.SiLU)
+    assert get_act_layer("gelu_tanh")().approximate == "tanh"
+    assert isinstance(get_act_layer(nn.ReLU)(), nn.ReLU)
+    act = nn.GELU(approximate="tanh")
+    assert get_act_layer(act)() is not act and get_act_layer(act)().approximate == "tanh"
+    with pytest.raises(ValueError, match="act_layer must be one of"):
+        get_act_layer("mish!")
 
 
 def test_an_activation_with_parameters_takes_the_layer_dtype_and_an_instance_is_copied():

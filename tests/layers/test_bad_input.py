@@ -9,26 +9,17 @@ from moemix.layers import GroupedExperts, plan_dispatch
 def test_grouped_experts_wrong_last_dimension_reports_expected_and_got():
     experts = GroupedExperts(2, 8, 16)
     with pytest.raises(ValueError, match=r"\[\.\.\., 8\].*got last dimension 7"):
-        experts(torch.randn(5, 7), counts=[2, 3])
+        experts(torch.randn(5, 7), plan_dispatch(torch.tensor([[0], [0], [1], [1], [1]]), 2))
 
 
-@pytest.mark.parametrize("counts, capacity, match", [
-    ([3, 3], None, "counts sum to 6 rows but x has 5"),
-    ([-1, 3], None, "counts must be >= 0"),
-    ([2], None, "counts must have num_experts=2 entries"),
-    ([2, 3], 2, "x must have num_experts \\* capacity = 4 rows, got 5"),
+@pytest.mark.parametrize("experts, rows, match", [
+    (3, 5, "plan must route to num_experts=2 experts, it has 3"),
+    (2, 6, "x must have the plan's 5 rows, got 6"),
 ])
-def test_grouped_experts_counts_must_describe_the_rows(counts, capacity, match):
+def test_grouped_experts_rows_must_be_the_plans_buffer(experts, rows, match):
+    plan = plan_dispatch(torch.tensor([[0], [0], [1], [1], [1]]), experts, layout="sorted")
     with pytest.raises(ValueError, match=match):
-        GroupedExperts(2, 8, 16)(torch.randn(5, 8), counts, capacity)
-
-
-def test_grouped_experts_padded_counts_must_fit_the_capacity():
-    experts = GroupedExperts(2, 8, 16)
-    with pytest.raises(ValueError, match="counts must be <= capacity=3"):
-        experts(torch.randn(6, 8), [4, 0], capacity=3)
-    assert experts(torch.randn(6, 8), [3, 1], capacity=3).shape == (6, 8)
-    assert experts(torch.randn(6, 8), [2, 1]).shape == (6, 8)  # sorted rows past sum(counts) are padding
+        GroupedExperts(2, 8, 16)(torch.randn(rows, 8), plan)
 
 
 @pytest.mark.parametrize("bad", [4, 5, -1])

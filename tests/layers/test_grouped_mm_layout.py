@@ -54,31 +54,18 @@ def test_grouped_mm_layout_refuses_drops_and_unsupported_dtypes():
     with pytest.raises(ValueError, match="layout='grouped_mm' cannot hold dropped assignments"):
         plan_dispatch(torch.tensor([[0, 1], [1, 0]]), 2, kept=kept, layout="grouped_mm")
     moe = SparseMoE(8, 8, num_experts=4, dispatch_layout="grouped_mm").double()
-    with pytest.raises(ValueError, match="grouped_mm layout computes in .*input is torch.float64; use dispatch_layout"):
+    with pytest.raises(ValueError, match="grouped_mm layout needs .*float32/bfloat16/float16.*got torch.float64"):
         moe(torch.randn(5, 8, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dims, dtype, bad", [((10, 32, 8), torch.float32, "input width 10"),
-                                              ((16, 30, 16), torch.float32, "output width 30"),
-                                              ((16, 36, 16), torch.bfloat16, "output width 36")])
+@pytest.mark.parametrize("dims, dtype, bad", [((10, 32, 8), torch.float32, r"weight \(4, 10, 32\)"),
+                                              ((16, 30, 16), torch.float32, r"weight \(4, 16, 30\)"),
+                                              ((16, 36, 16), torch.bfloat16, r"weight \(4, 16, 36\)")])
 def test_grouped_mm_layout_names_unaligned_widths(dims, dtype, bad):
     in_features, hidden, out_features = dims
     moe = SparseMoE(in_features, hidden, out_features, num_experts=4, dispatch_layout="grouped_mm").to(dtype)
-    with pytest.raises(ValueError, match=f"multiples of {128 // torch.finfo(dtype).bits}.*got {bad}"):
+    with pytest.raises(ValueError, match=f"multiples of {128 // torch.finfo(dtype).bits}.*{bad}"):
         moe(torch.randn(5, in_features, dtype=dtype))
-
-
-def test_grouped_experts_offsets_checked():
-    experts = GroupedExperts(3, 8, 8)
-    x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="offsets must be an int32 tensor of shape \\(3,\\)"):
-        experts(x, [1, 1, 2], offsets=torch.tensor([1, 2, 4]))
-    with pytest.raises(ValueError, match="every row routed"):
-        experts(torch.randn(5, 8), [1, 1, 2], offsets=torch.tensor([1, 2, 4], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"running sum of counts \[1, 1, 2\], got \[2, 2, 4\]"):
-        experts(x, [1, 1, 2], offsets=torch.tensor([2, 2, 4], dtype=torch.int32))
-    with pytest.raises(ValueError, match="exclude each other"):
-        experts(torch.randn(6, 8), [1, 1, 2], capacity=2, offsets=torch.tensor([1, 2, 4], dtype=torch.int32))
 
 
 def test_grouped_mm_layout_first_order_only_and_retain_graph():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from moemix.layers import GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul
+from moemix.layers import GroupedExperts, MoELayer, RoutedExperts, SparseMoE, TopKRouter, grouped_matmul, plan_dispatch
 from moemix.losses import collect_aux_loss
 
 from tests.layers._reference import output_and_grads
@@ -21,8 +21,8 @@ class LinearExperts(RoutedExperts):
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features))
 
-    def forward(self, rows, counts, capacity=None, offsets=None):
-        return grouped_matmul(rows, self.weight, counts, capacity=capacity)
+    def forward(self, rows, plan):
+        return grouped_matmul(rows, self.weight, plan)
 
 
 class TokenIdRouter(TopKRouter):
@@ -41,13 +41,12 @@ class TokenIdRouter(TopKRouter):
         return logits
 
 
-class NaNPastRoutedRows(LinearExperts):
-    """Leaves NaN in the rows past ``sum(counts)`` (the dropped assignments' rows in capacity mode)."""
+class RecordingExperts(LinearExperts):
+    """Remembers how many rows its forward was given."""
 
-    def forward(self, rows, counts, capacity=None, offsets=None):
-        out = super().forward(rows, counts, capacity)
-        routed = sum(counts) if capacity is None else rows.shape[0]
-        return torch.cat([out[:routed], torch.full_like(out[routed:], float("nan"))])
+    def forward(self, rows, plan):
+        self.rows_seen = rows.shape[0]
+        return super().forward(rows, plan)
 
 
 def reference(layer, x):
@@ -62,15 +61,15 @@ def reference(layer, x):
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-@pytest.mark.parametrize("layout", ["auto", "loop", "sorted", "padded", "grouped_mm"])
+@pytest.mark.parametrize("layout", ["auto", "sorted", "padded", "grouped_mm"])
 def test_own_experts_match_the_reference(layout):
-    # LinearExperts ignores offsets: in the "grouped_mm" layout it runs the same sorted rows
     torch.manual_seed(0)
-    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, DOUT), dispatch_layout=layout)
+    dout = 8 if layout == "grouped_mm" else DOUT  # F.grouped_mm wants 16-byte rows
+    layer = MoELayer(TopKRouter(D, E, 2), LinearExperts(E, D, dout), dispatch_layout=layout)
     x = torch.randn(3, 4, D)
     out, grad_x, grads = output_and_grads(layer, x, layer)
     ref, ref_grad_x, ref_grads = output_and_grads(layer, x, lambda v: reference(layer, v))
-    assert out.shape == (3, 4, DOUT)
+    assert out.shape == (3, 4, dout)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
     assert set(grads) == set(ref_grads) == {"router.weight", "experts.weight"}
@@ -79,15 +78,16 @@ def test_own_experts_match_the_reference(layout):
     assert layer.tokens_per_expert.sum().item() == 12 * 2 and layer.dropped_tokens == 0
 
 
-@pytest.mark.parametrize("layout", ["auto", "loop", "sorted"])
-def test_dropped_rows_add_nothing_whatever_forward_leaves_there(layout):
+@pytest.mark.parametrize("layout", ["auto", "sorted"])
+def test_dropped_assignments_never_reach_the_experts_and_add_nothing(layout):
     torch.manual_seed(0)
     router = TopKRouter(D, E, 2, capacity_factor=0.5)
-    layer = MoELayer(router, NaNPastRoutedRows(E, D, DOUT), dispatch_layout=layout)
+    layer = MoELayer(router, RecordingExperts(E, D, DOUT), dispatch_layout=layout)
     x = torch.randn(20, D)
     out, grad_x, grads = output_and_grads(layer, x, layer)
     ref, ref_grad_x, ref_grads = output_and_grads(layer, x, lambda v: reference(layer, v))
     assert layer.dropped_tokens == router(x).num_dropped > 0
+    assert layer.experts.rows_seen == 20 * 2 - layer.dropped_tokens
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
     for name in ref_grads:
@@ -180,12 +180,12 @@ def test_sparse_moe_state_dict_keys_are_unchanged():
                                       "shared_expert.b2", "shared_gate.weight"]
 
 
-def test_single_grouped_expert_runs_dense_without_counts():
+def test_single_grouped_expert_runs_dense_without_a_plan():
     torch.manual_seed(0)
     one = GroupedExperts(1, D, 16)
     x = torch.randn(5, D)
-    torch.testing.assert_close(one(x), one(x, [5]))
-    with pytest.raises(ValueError, match="counts may be None only with a single expert"):
+    torch.testing.assert_close(one(x), one(x, plan_dispatch(torch.zeros(5, 1, dtype=torch.long), 1)))
+    with pytest.raises(ValueError, match="plan may be None only with a single expert"):
         GroupedExperts(2, D, 16)(x)
 
 
@@ -219,12 +219,12 @@ def test_experts_without_forward_say_what_is_missing():
 
 
 def test_experts_returning_other_rows_are_refused():
-    class RoutedOnly(LinearExperts):
-        def forward(self, rows, counts, capacity=None, offsets=None):
-            return super().forward(rows, counts)[:sum(counts)]
+    class OneRowShort(LinearExperts):
+        def forward(self, rows, plan):
+            return super().forward(rows, plan)[1:]
 
-    layer = MoELayer(TopKRouter(D, E, 2, capacity_factor=0.5), RoutedOnly(E, D, DOUT))
-    with pytest.raises(ValueError, match=r"RoutedOnly.forward must return \[rows, out_features\] = \[40, 7\]"):
+    layer = MoELayer(TopKRouter(D, E, 2), OneRowShort(E, D, DOUT), dispatch_layout="sorted")
+    with pytest.raises(ValueError, match=r"OneRowShort.forward must return \[rows, out_features\] = \[40, 7\]"):
         layer(torch.randn(20, D))
 
 
@@ -236,7 +236,7 @@ def test_wrong_last_dimension_names_expected_and_got():
 
 def test_own_experts_under_bfloat16_autocast():
     torch.manual_seed(0)
-    layer = MoELayer(TopKRouter(D, E, 2, capacity_factor=0.5), NaNPastRoutedRows(E, D, DOUT))
+    layer = MoELayer(TopKRouter(D, E, 2, capacity_factor=0.5), LinearExperts(E, D, DOUT))
     x = torch.randn(20, D, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from moemix.layers import GroupedExperts, RoutedExperts, grouped_matmul
+from moemix.layers import GroupedExperts, RoutedExperts, grouped_matmul, plan_dispatch
 
 
 class ScaledLinear(RoutedExperts):
@@ -17,9 +17,8 @@ class ScaledLinear(RoutedExperts):
         if extra is not None:
             self.register_buffer("extra", extra)
 
-    def forward(self, rows, counts, capacity=None, offsets=None):
-        scale = torch.repeat_interleave(self.scale, torch.tensor(counts), output_size=sum(counts))
-        return grouped_matmul(rows, self.weight, counts) * scale[:, None]
+    def forward(self, rows, plan):
+        return grouped_matmul(rows, self.weight, plan) * self.scale[plan.row_expert(), None]
 
 
 def test_grouped_experts_subset_holds_copies_of_the_slices():
@@ -39,9 +38,10 @@ def test_grouped_experts_subset_computes_the_selected_experts():
     torch.manual_seed(0)
     full = GroupedExperts(5, 8, 16, act_layer="gelu")
     part = full.select_experts(1, 4)
-    counts = [3, 0, 2]
-    rows = torch.randn(sum(counts), 8)
-    torch.testing.assert_close(part(rows, counts), full(rows, [0] + counts + [0]), rtol=0, atol=0)
+    ids = torch.tensor([[1], [1], [1], [3], [3]])  # experts 1 and 3 of the full set: 0 and 2 of the part
+    rows = torch.randn(5, 8)
+    torch.testing.assert_close(part(rows, plan_dispatch(ids - 1, 3, layout="sorted")),
+                               full(rows, plan_dispatch(ids, 5, layout="sorted")), rtol=0, atol=0)
 
 
 def test_stacked_buffers_are_sliced_frozen_parameters_stay_frozen():
@@ -52,7 +52,8 @@ def test_stacked_buffers_are_sliced_frozen_parameters_stay_frozen():
     assert not part.weight.requires_grad
     rows = torch.randn(5, 6)
     expected = torch.cat([rows[:2] @ experts.weight[1] * 2.0, rows[2:] @ experts.weight[2] * 3.0])
-    torch.testing.assert_close(part(rows, [2, 3]), expected)
+    plan = plan_dispatch(torch.tensor([[0], [0], [1], [1], [1]]), 2, layout="sorted")
+    torch.testing.assert_close(part(rows, plan), expected)
 
 
 def test_selection_draws_no_random_numbers():

@@ -24,22 +24,23 @@ class _ViewOfInput(nn.Module):
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(dispatch_layout="sorted"),
-    dict(dispatch_layout="loop"),
-    dict(dispatch_layout="loop", glu=True, bias=False, k=3),
-    dict(dispatch_layout="loop", glu=True, act_layer="gelu"),
-    dict(dispatch_layout="loop", act_layer="gelu_tanh"),
-    dict(dispatch_layout="loop", act_layer="relu"),
-    dict(dispatch_layout="loop", act_layer="tanh", glu=True),
-    dict(dispatch_layout="loop", act_layer="sigmoid"),
-    dict(dispatch_layout="loop", act_layer="identity", glu=True),
-    dict(dispatch_layout="loop", act_layer=nn.Softplus),  # no closed form: autograd on a recomputed forward
-    dict(dispatch_layout="loop", act_layer=nn.Hardswish, glu=True, bias=False),
-    dict(dispatch_layout="loop", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
-    dict(dispatch_layout="loop", act_layer=lambda: nn.ReLU(inplace=True)),
-    dict(dispatch_layout="loop", act_layer=_ViewOfInput, bias=False),
+    dict(dispatch_layout="sorted", glu=True, bias=False, k=3),
+    dict(dispatch_layout="sorted", glu=True, act_layer="gelu"),
+    dict(dispatch_layout="sorted", act_layer="gelu_tanh"),
+    dict(dispatch_layout="sorted", act_layer="relu"),
+    dict(dispatch_layout="sorted", act_layer="tanh", glu=True),
+    dict(dispatch_layout="sorted", act_layer="sigmoid"),
+    dict(dispatch_layout="sorted", act_layer="identity", glu=True),
+    dict(dispatch_layout="sorted", act_layer=nn.Softplus),
+    dict(dispatch_layout="sorted", act_layer=nn.Hardswish, glu=True, bias=False),
+    dict(dispatch_layout="sorted", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
+    dict(dispatch_layout="sorted", act_layer=lambda: nn.ReLU(inplace=True)),
+    dict(dispatch_layout="sorted", act_layer=_ViewOfInput, bias=False),
+    dict(dispatch_layout="sorted", act_layer=_ViewOfInput, glu=True),  # not recomputable: stock autograd
+    dict(dispatch_layout="sorted", act_layer=nn.PReLU, glu=True),  # parameters: stock autograd
     dict(dispatch_layout="padded"),
     dict(dispatch_layout="padded", glu=True, bias=False),
-    dict(dispatch_layout="sorted", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
+    dict(dispatch_layout="padded", act_layer=lambda: nn.SiLU(inplace=True), glu=True),
     dict(glu=True, act_layer="silu", bias=False),
     dict(score="sigmoid", renormalize=False),
     dict(score="cosine"),
@@ -88,7 +89,7 @@ def test_forward_preserves_leading_shape(shape):
     assert moe(torch.randn(shape)).shape == (*shape[:-1], 12)
 
 
-@pytest.mark.parametrize("layout", ["auto", "loop", "sorted", "padded"])
+@pytest.mark.parametrize("layout", ["auto", "sorted", "padded"])
 def test_fewer_tokens_than_experts_and_empty_input(layout):
     moe = SparseMoE(16, 8, num_experts=32, k=2, dispatch_layout=layout).double()
     x = torch.randn(3, 16, dtype=torch.float64)
@@ -163,16 +164,16 @@ def test_shared_experts():
     x = torch.randn(10, 16)
     gated = SparseMoE(16, 8, num_experts=4, shared_expert="gated")
     sparse_only = gated._experts_forward(x, gated.router(x))
-    shared = gated.shared_expert(x, [10])
+    shared = gated.shared_expert(x)
     torch.testing.assert_close(gated(x), sparse_only + torch.sigmoid(gated.shared_gate(x)) * shared)
     averaged = SparseMoE(16, 8, num_experts=4, shared_expert="averaged")
     torch.testing.assert_close(averaged(x), (averaged._experts_forward(x, averaged.router(x))
-                                             + averaged.shared_expert(x, [10])) / 2)
+                                             + averaged.shared_expert(x)) / 2)
 
 
 @pytest.mark.parametrize("kw", [{}, {"glu": True, "act_layer": "silu", "dispatch_layout": "sorted"},
-                                {"glu": True, "act_layer": "silu", "dispatch_layout": "loop"},
-                                {"glu": True, "dispatch_layout": "padded"}])
+                                {"glu": True, "dispatch_layout": "padded"},
+                                {"glu": True, "act_layer": "silu", "dispatch_layout": "grouped_mm"}])
 def test_bf16_autocast(kw):
     moe = SparseMoE(16, 32, num_experts=4, **kw)
     x = torch.randn(2, 9, 16)
@@ -208,20 +209,21 @@ def test_torch_compile_matches_eager(backend, kw):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
 @pytest.mark.parametrize("glu", [False, True])
 def test_double_backward_raises_instead_of_dropping_terms(layout, glu):
     moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout=layout).double()
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="first-order gradients only"):
-        torch.autograd.grad(moe(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="first-order gradients only"):  # grad outputs without a graph too
-        torch.autograd.grad(moe(x).sum(), list(moe.parameters()), create_graph=True, allow_unused=True)
+    # moemix's own nodes say so; the combine's embedding_bag has no second derivative in torch either
+    with pytest.raises(RuntimeError, match="first-order gradients only|derivative for .* is not implemented"):
+        grad_x, = torch.autograd.grad(moe(x).pow(2).sum(), x, create_graph=True)
+        torch.autograd.grad(grad_x.sum(), x)
 
 
-@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
-def test_second_backward_with_retain_graph(layout):
-    moe = SparseMoE(8, 12, num_experts=4, k=2, dispatch_layout=layout).double()
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_second_backward_with_retain_graph(layout, glu):
+    moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, dispatch_layout=layout).double()
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     out = moe(x).sum()
     out.backward(retain_graph=True)
@@ -230,32 +232,21 @@ def test_second_backward_with_retain_graph(layout):
     torch.testing.assert_close(x.grad, 2 * first)
 
 
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
 @pytest.mark.parametrize("glu", [False, True])
-def test_loop_layout_leaves_saved_tensors_to_saved_tensor_hooks(glu):
-    """Under saved-tensor hooks (activation checkpointing, save_on_cpu) the "loop" layout saves what the sorted
-    layout saves, through autograd, so the hooks see every activation; results are unchanged."""
+def test_activation_checkpointing_and_save_on_cpu_give_the_same_gradients(layout, glu):
     torch.manual_seed(0)
-    moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout="loop").double()
+    moe = SparseMoE(8, 12, num_experts=4, k=2, glu=glu, act_layer="silu", dispatch_layout=layout).double()
     x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
-    want_out = moe(x)
-    want = torch.autograd.grad(want_out.sum(), [x, moe.experts.w1])
-
-    def packed_elements(layout):
-        moe.dispatch_layout = layout
-        seen = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.numel()) or t, lambda t: t):
-            out = moe(x)
-        return out, sum(seen)
-
-    out, loop_elements = packed_elements("loop")
-    _, sorted_elements = packed_elements("sorted")
-    assert loop_elements == sorted_elements
-    torch.testing.assert_close(out, want_out)
+    want = torch.autograd.grad(moe(x).sum(), [x, moe.experts.w1])
     checkpointed = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
     torch.testing.assert_close(torch.autograd.grad(checkpointed.sum(), [x, moe.experts.w1]), want)
+    with torch.autograd.graph.save_on_cpu():
+        out = moe(x)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), [x, moe.experts.w1]), want)
 
 
-@pytest.mark.parametrize("layout", ["loop", "sorted", "padded"])
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
 @pytest.mark.parametrize("score", ["softmax", "cosine"])
 def test_float64_layer_passes_gradcheck(layout, score):
     torch.manual_seed(0)

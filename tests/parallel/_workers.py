@@ -41,12 +41,8 @@ class ScaledLinearExperts(RoutedExperts):
         self.weight = nn.Parameter(torch.randn(num_experts, in_features, out_features) / in_features ** 0.5)
         self.register_buffer("scale", torch.linspace(0.5, 2.0, num_experts))
 
-    def forward(self, rows, counts, capacity=None, offsets=None):
-        rows_per_expert = counts if capacity is None else [capacity] * self.num_experts  # padded layout
-        row_scale = torch.repeat_interleave(self.scale, torch.tensor(rows_per_expert, device=rows.device),
-                                            output_size=sum(rows_per_expert))
-        row_scale = torch.cat([row_scale, row_scale.new_ones(rows.shape[0] - row_scale.shape[0])])  # dropped rows
-        return grouped_matmul(rows, self.weight, counts, capacity=capacity) * row_scale[:, None]
+    def forward(self, rows, plan):
+        return grouped_matmul(rows, self.weight, plan) * self.scale[plan.row_expert(), None]
 
 
 class LoopLinearExperts(ScaledLinearExperts):
@@ -59,15 +55,16 @@ class LoopLinearExperts(ScaledLinearExperts):
         return plan_dispatch(decision.indices, self.num_experts, decision.kept, "sorted")
 
     def forward_routed(self, x, weights, plan):
-        y, start, flat_weights = x.new_zeros(x.shape[0], self.out_features), 0, weights.reshape(-1)
-        for e, count in enumerate(plan.counts):  # dropped assignments trail the counted ones
+        y, start = x.new_zeros(x.shape[0], self.out_features), 0
+        row_weight = torch.zeros(plan.num_rows + 1, dtype=weights.dtype, device=x.device).index_put(
+            (plan.slot.reshape(-1),), weights.reshape(-1))  # dropped assignments land one past the rows
+        for e, count in enumerate(plan.counts):
             if count == 0:
                 continue
-            assignment = plan.order[start:start + count]
-            start += count
-            token = torch.div(assignment, plan.k, rounding_mode="floor")
+            token = plan.row_token[start:start + count]
             out = x[token] @ self.weight[e] * self.scale[e]
-            y = y.index_add(0, token, out * flat_weights[assignment, None].to(out.dtype))
+            y = y.index_add(0, token, out * row_weight[start:start + count, None].to(out.dtype))
+            start += count
         return y
 
 
@@ -111,8 +108,8 @@ CASES = {
         build=lambda: MoELayer(TopKRouter(D, 4, k=2), LoopLinearExperts(4, D, 6)), shapes=((5,), (4,)), skew="all",
         input_requires_grad=False),
     # the local experts run the received rows in the layout the layer asks for
-    "fused_loop_layout": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", dispatch_layout="loop"),
-                              shapes=((9,), (6,))),
+    "sorted_layout": dict(kwargs=dict(num_experts=4, k=2, glu=True, act_layer="silu", dispatch_layout="sorted"),
+                          shapes=((9,), (6,))),
     "padded_layout": dict(kwargs=dict(num_experts=8, k=2, dispatch_layout="padded"), shapes=((6,), (9,))),
     "moe_layer_grouped_experts": dict(
         build=lambda: MoELayer(TopKRouter(D, 8, k=2), GroupedExperts(8, D, H, act_layer="silu", glu=True)),

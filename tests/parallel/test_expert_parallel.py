@@ -96,7 +96,7 @@ def test_capacity_case_drops_tokens(results, case):
     assert all(results[r][case]["dropped"][0] > 0 for r in range(WORLD_SIZE))
 
 
-@pytest.mark.parametrize("case, layout", [("fused_loop_layout", "loop"), ("padded_layout", "padded"),
+@pytest.mark.parametrize("case, layout", [("sorted_layout", "sorted"), ("padded_layout", "padded"),
                                           ("grouped_mm_experts", "grouped_mm"),
                                           ("forward_routed_only_experts", "sorted")])
 @ranks
