@@ -52,7 +52,7 @@ growth of the peak over the resident size just before one more step is reported 
 temporaries, gradients; not parameters or inputs). On CUDA: ``max_memory_allocated`` growth over the allocated
 bytes before the step.
 
-JSON (``--json``): ``"meta"`` (command, versions, machine, threads, GEMM libraries), then one entry per case,
+JSON (``--json``): ``"meta"`` (command, versions, machine, threads), then one entry per case,
 keyed by the configuration for balanced routing and ``<config>_skewed`` for skewed routing, each with
 ``ms`` (median ms per variant), ``vs_hf_loop`` (HF time / moemix time, higher is better),
 ``vs_dense_active`` (moemix time / dense time, lower is better) and timing and memory details; peak memory

@@ -11,16 +11,8 @@ from moemix.layers.grouped_gemm import first_order
 
 __all__ = ["get_act_layer", "gated_activation", "activate", "recomputable", "ACT_LAYERS"]
 
-ACT_LAYERS = {
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "identity": nn.Identity,
-}
+ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU,
+              "swish": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 # Rows x hidden width recomputed at a time in the gated activation's backward (4 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
 

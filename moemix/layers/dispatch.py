@@ -1,26 +1,16 @@
-"""Dropless token dispatch: the one path every moemix MoE layer shares.
+"""Dropless token dispatch, the one path every moemix MoE layer shares.
 
-The ``N = T * k`` (token, expert) assignments are sorted by expert id once (:func:`plan_dispatch`, one host
-sync for the per-expert counts), the tokens are gathered into an expert buffer (:func:`dispatch_tokens`),
-the experts run on it, and each token's ``k`` outputs are summed with its router weights
-(:func:`combine_tokens`, one ``embedding_bag`` gather-reduce, so no ``[T*k, D]`` copy is made for it)::
+:func:`plan_dispatch` sorts the ``N = T * k`` assignments by expert (one host sync for the counts),
+:func:`dispatch_tokens` gathers the tokens into an expert buffer, the experts run on it, and
+:func:`combine_tokens` sums each token's ``k`` outputs with its router weights (one ``embedding_bag``)::
 
     x [T, D] --dispatch_tokens--> rows [R, D] --experts--> out_rows [R, D'] --combine_tokens(w)--> [T, D']
 
-Buffer layouts (``DispatchPlan.layout``):
-
-- ``"sorted"``: ``R = N`` rows, expert ``e`` owning a contiguous slice of ``counts[e]`` rows (megablocks
-  dMoE / scattermoe style); the experts run one GEMM per slice.
-- ``"padded"``: ``R = E * C`` rows with ``C = max(counts)``, viewed as ``[E, C, D]`` so that all experts run
-  as one batched GEMM; the padding rows are zero and never read back.
-- ``"grouped_mm"``: the sorted rows, every slice in one :func:`torch.nn.functional.grouped_mm` call (its
-  slice ends, ``offsets``, stay on the device).
-
-``"auto"`` (:func:`choose_layout`) takes ``"grouped_mm"`` on CUDA in bfloat16/float16 when the experts can
-run it, ``"padded"`` while padding costs little (balanced routing; on CPU also few rows per expert), else
-``"sorted"``. On CPU, :class:`~moemix.layers.GroupedExperts` run the sorted layout as one loop over the
-experts (:mod:`moemix.layers.expert_loop`). Assignments dropped
-by a capacity limit get no buffer row and add zero to their token's output.
+Layouts: ``"sorted"`` (``R = N``, expert ``e`` owns a contiguous slice of ``counts[e]`` rows; one GEMM per
+slice), ``"padded"`` (``R = E * C`` with ``C = max(counts)``, viewed as ``[E, C, D]`` for one batched GEMM;
+padding rows are zero and never read back), ``"grouped_mm"`` (the sorted rows in one
+:func:`torch.nn.functional.grouped_mm` call). ``"auto"`` asks :func:`choose_layout`. Assignments dropped by a
+capacity limit get no row and add zero to their token's output.
 """
 from __future__ import annotations
 
@@ -37,7 +27,7 @@ __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens",
 LAYOUTS = ("auto", "sorted", "padded", "grouped_mm")
 # Padded rows per routed row up to which "auto" runs the batched GEMM: on CPU padding costs as much as the
 # rows themselves, so only balanced routing; on CUDA one batched launch pays for far more.
-PADDED_MAX_WASTE = {"cpu": 1.25, "cuda": 4.0}
+PADDED_MAX_WASTE = {"cpu": 1.5, "cuda": 4.0}
 PADDED_MAX_MEAN_ROWS_CPU = 128
 
 
@@ -45,17 +35,10 @@ PADDED_MAX_MEAN_ROWS_CPU = 128
 class DispatchPlan:
     """Where each of the ``N = T * k`` assignments lives in the expert buffer.
 
-    Attributes:
-        num_tokens: ``T``.
-        k: experts per token.
-        layout: ``"sorted"``, ``"padded"`` or ``"grouped_mm"``.
-        counts: kept assignments per expert (host ints, length ``E``).
-        tokens_per_expert: the same counts as an ``[E]`` int64 tensor.
-        slot: ``[T, k]`` buffer row of each assignment; ``R`` (one past the buffer) where dropped.
-        row_token: ``[R]`` source token of each buffer row; ``T`` for padding rows.
-        num_dropped: assignments dropped by a capacity limit.
-        capacity: rows per expert ``C`` (padded layout), else None.
-        offsets: ``[E]`` int32 end row of each expert's slice (grouped_mm layout), else None.
+    ``counts`` (host ints) and ``tokens_per_expert`` (``[E]`` int64) count the kept assignments per expert;
+    ``slot [T, k]`` is the buffer row of each assignment (``R``, one past the buffer, where dropped);
+    ``row_token [R]`` the source token of each row (``T`` for padding); ``capacity`` the rows per expert of
+    the padded layout and ``offsets`` (``[E]`` int32) the slice ends of the grouped_mm layout, else None.
     """
 
     num_tokens: int

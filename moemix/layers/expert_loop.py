@@ -54,14 +54,12 @@ class _ExpertLoop(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = torch.zeros_like(x)
         grad_row_weight = torch.zeros_like(row_weight)
-        params = (w1, b1, w2, b2)
-        gw1, gb1, gw2, gb2 = grads = [torch.empty_like(p) if p is not None else None for p in params]
+        gw1, gb1, gw2, gb2 = grads = [torch.empty_like(p) if p is not None else None for p in (w1, b1, w2, b2)]
         start, hit = 0, 0
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert without rows gets zero gradients
-                for grad in grads:
-                    if grad is not None:
-                        grad[e].zero_()
+                for grad in (g for g in grads if g is not None):
+                    grad[e].zero_()
                 continue
             rows = slice(start, start + n)
             start += n

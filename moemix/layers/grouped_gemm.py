@@ -1,10 +1,6 @@
-"""``grouped_matmul``: every expert's rows times its own weight, in the layout of a dispatch plan.
-
-The sorted layout runs one GEMM per expert slice; its backward writes all weight gradients into one
-``[E, in, out]`` tensor (stock autograd of per-expert ``weight[e]`` would make a full-size zero gradient per
-expert). The padded layout is one stock ``bmm`` over ``[E, C, in]``. The grouped_mm layout is one
-:func:`torch.nn.functional.grouped_mm` call each way.
-"""
+"""``grouped_matmul``: each expert's rows times its own weight, in any layout of a dispatch plan: one GEMM per
+slice (sorted; one ``[E, in, out]`` weight gradient instead of a full-size one per expert as stock autograd of
+``weight[e]`` would make), one stock ``bmm`` (padded), one ``F.grouped_mm`` call each way (grouped_mm)."""
 from __future__ import annotations
 
 import functools
@@ -82,12 +78,9 @@ class _GroupedMM(torch.autograd.Function):
     gradient as its 2-D x 2-D form)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, offsets):
+    def forward(ctx, x, weight, bias, offsets, row_expert):
         out = F.grouped_mm(x, weight, offs=offsets)
-        row_expert = None
         if bias is not None:
-            row_expert = torch.searchsorted(offsets, torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype),
-                                            right=True)
             out.add_(bias.index_select(0, row_expert))
         ctx.save_for_backward(x, weight, offsets, row_expert)
         return out
@@ -106,7 +99,7 @@ class _GroupedMM(torch.autograd.Function):
         grad_b = None
         if need_b and row_expert is not None:
             grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]).index_add_(0, row_expert, grad)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _check_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -147,5 +140,6 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: Optional[Dispatc
             return out.reshape(x.shape[0], weight.shape[-1])
         if plan.layout == "grouped_mm":
             _check_grouped_mm(x, weight)
-            return _GroupedMM.apply(x.contiguous(), weight, bias, plan.offsets)
+            return _GroupedMM.apply(x.contiguous(), weight, bias, plan.offsets,
+                                    None if bias is None else plan.row_expert())
         return _SortedMatmul.apply(x.contiguous(), weight, bias, plan.counts)

@@ -1,7 +1,7 @@
 """MoELayer: any router + any routed experts + the shared dispatch, auxiliary losses and routing statistics."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -162,25 +162,21 @@ class MoELayer(nn.Module):
         return self.experts.forward_routed(tokens, decision.weights, plan)
 
     def _store_aux(self, decision: RoutingDecision) -> None:
-        parts: Dict[str, torch.Tensor] = {}
-        coefs: Dict[str, float] = {}
+        parts: Dict[str, Tuple[torch.Tensor, float]] = {}  # name -> (loss, coefficient)
         if self.aux_loss_type == "switch":
             assignments = decision.indices.numel()
             # Without a capacity the plan counted exactly the router's assignments: no second count.
             if decision.kept is None and assignments and self.tokens_per_expert is not None:
-                parts["loss_balance"] = load_balance_from_counts(decision.probs, self.tokens_per_expert, assignments)
+                loss = load_balance_from_counts(decision.probs, self.tokens_per_expert, assignments)
             else:
-                parts["loss_balance"] = load_balance_loss(decision.probs, decision.indices)
-            coefs["loss_balance"] = self.aux_loss_coef
+                loss = load_balance_loss(decision.probs, decision.indices)
+            parts["loss_balance"] = (loss, self.aux_loss_coef)
         elif self.aux_loss_type == "importance":
-            parts["loss_importance_load"] = importance_load_loss(decision.probs, decision.indices,
-                                                                 weights=decision.weights)
-            coefs["loss_importance_load"] = self.aux_loss_coef
+            loss = importance_load_loss(decision.probs, decision.indices, weights=decision.weights)
+            parts["loss_importance_load"] = (loss, self.aux_loss_coef)
         if self.z_loss_coef > 0:
-            parts["loss_z"] = router_z_loss(decision.logits)
-            coefs["loss_z"] = self.z_loss_coef
-        total = None
-        for name, value in parts.items():
-            total = value * coefs[name] if total is None else torch.add(total, value, alpha=coefs[name])
-        self.aux_loss = decision.logits.new_zeros(()) if total is None else total
-        self.aux_losses = {name: value.detach() for name, value in parts.items()}
+            parts["loss_z"] = (router_z_loss(decision.logits), self.z_loss_coef)
+        self.aux_loss = decision.logits.new_zeros(())
+        for value, coef in parts.values():
+            self.aux_loss = torch.add(self.aux_loss, value, alpha=coef)
+        self.aux_losses = {name: value.detach() for name, (value, _) in parts.items()}

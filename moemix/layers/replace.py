@@ -129,20 +129,22 @@ def replace_mlp_with_moe(
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        dense = getattr(parent, attr)
-        try:
-            fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
-        except ValueError as err:
-            raise ValueError(f"cannot convert {name!r}: {err}") from None
-        first_bias = any(layer is not None and layer.bias is not None for layer in (fc1, fc1_up))
-        kwargs = dict(act_layer=act, bias=(first_bias, fc2.bias is not None),
-                      drop=drop, glu=fc1_up is not None)
-        kwargs.update(moe_kwargs)
-        moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **kwargs,
-                        device=fc1.weight.device, dtype=fc1.weight.dtype)
-        if copy_weights:
-            moe.experts.load_dense(fc1, fc2, fc1_up=fc1_up)
-        replacements.append((parent, attr, moe.train(dense.training)))
+        replacements.append((parent, attr, _moe_for(name, getattr(parent, attr), copy_weights, moe_kwargs)))
     for parent, attr, moe in replacements:
         setattr(parent, attr, moe)
     return names
+
+
+def _moe_for(name: str, dense: nn.Module, copy_weights: bool, moe_kwargs: dict) -> SparseMoE:
+    """The SparseMoE replacing the FFN ``dense`` (module ``name``), in its train/eval mode."""
+    try:
+        fc1, fc1_up, fc2, act, drop = _dense_parts(dense)
+    except ValueError as err:
+        raise ValueError(f"cannot convert {name!r}: {err}") from None
+    first_bias = any(layer is not None and layer.bias is not None for layer in (fc1, fc1_up))
+    kwargs = dict(act_layer=act, bias=(first_bias, fc2.bias is not None), drop=drop, glu=fc1_up is not None)
+    moe = SparseMoE(fc1.in_features, fc1.out_features, fc2.out_features, **{**kwargs, **moe_kwargs},
+                    device=fc1.weight.device, dtype=fc1.weight.dtype)
+    if copy_weights:
+        moe.experts.load_dense(fc1, fc2, fc1_up=fc1_up)
+    return moe.train(dense.training)

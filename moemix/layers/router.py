@@ -142,32 +142,8 @@ class TopKRouter(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_positive_int("in_features", in_features)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
-        check_choice("score", score, SCORE_FUNCTIONS)
-        check_choice("noise", noise, NOISE_TYPES)
-        renormalize = check_optional_bool("renormalize", renormalize)
-        per_expert_temperature = check_bool("per_expert_temperature", per_expert_temperature)
-        if noise_eps is not None and noise not in ("jitter", "normal"):
-            raise ValueError(f"noise_eps applies to noise='jitter' or 'normal', got noise={noise!r}")
-        if noise_eps is None:
-            noise_eps = 1e-2 if noise == "jitter" else 1.0
-        check_nonnegative("noise_eps", noise_eps)
-        if noise == "jitter" and noise_eps >= 1:
-            raise ValueError(f"noise_eps for jitter must be in [0, 1), got {noise_eps}")
-        if capacity_factor is not None:
-            check_positive("capacity_factor", capacity_factor)
-        if init_std is not None:
-            check_nonnegative("init_std", init_std)
-        if renormalize is None:
-            renormalize = k > 1
-        elif renormalize and k == 1:
-            warnings.warn("renormalize=True with k=1 makes every combine weight 1, so the router learns from the "
-                          "auxiliary losses only; leave renormalize unset for Switch-style gating (weight = "
-                          "gate probability)", stacklevel=2)
+        noise_eps, renormalize = _checked_options(in_features, num_experts, k, score, noise, noise_eps, renormalize,
+                                                  capacity_factor, init_std)
         self.in_features = in_features
         self.num_experts = num_experts
         self.k = k
@@ -176,6 +152,7 @@ class TopKRouter(nn.Module):
         self.noise_eps = float(noise_eps)
         self.renormalize = renormalize
         self.capacity_factor = capacity_factor
+        per_expert_temperature = check_bool("per_expert_temperature", per_expert_temperature)
         dd = {"device": device, "dtype": dtype}
         for name, value in (("cosine_dim", cosine_dim), ("temperature", temperature),
                             ("per_expert_temperature", per_expert_temperature or None)):
@@ -272,6 +249,37 @@ class TopKRouter(nn.Module):
                               "all assignments are dropped")
             apply_capacity(decision, capacity)
         return decision
+
+
+def _checked_options(in_features, num_experts, k, score, noise, noise_eps, renormalize, capacity_factor, init_std):
+    """``ValueError`` for router options out of range; returns ``noise_eps`` and ``renormalize`` with their
+    defaults filled in."""
+    check_positive_int("in_features", in_features)
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
+    check_choice("score", score, SCORE_FUNCTIONS)
+    check_choice("noise", noise, NOISE_TYPES)
+    renormalize = check_optional_bool("renormalize", renormalize)
+    if noise_eps is not None and noise not in ("jitter", "normal"):
+        raise ValueError(f"noise_eps applies to noise='jitter' or 'normal', got noise={noise!r}")
+    if noise_eps is None:
+        noise_eps = 1e-2 if noise == "jitter" else 1.0
+    check_nonnegative("noise_eps", noise_eps)
+    if noise == "jitter" and noise_eps >= 1:
+        raise ValueError(f"noise_eps for jitter must be in [0, 1), got {noise_eps}")
+    if capacity_factor is not None:
+        check_positive("capacity_factor", capacity_factor)
+    if init_std is not None:
+        check_nonnegative("init_std", init_std)
+    if renormalize is None:
+        renormalize = k > 1
+    elif renormalize and k == 1:
+        warnings.warn("renormalize=True with k=1 makes every combine weight 1, so the router learns from the "
+                      "auxiliary losses only; leave renormalize unset for Switch-style gating (weight = "
+                      "gate probability)", stacklevel=3)
+    return noise_eps, renormalize
 
 
 def _gumbel_choice(logits: torch.Tensor, k: int) -> torch.Tensor:
