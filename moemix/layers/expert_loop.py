@@ -55,7 +55,7 @@ class _ExpertLoop(torch.autograd.Function):
         grad_x = torch.zeros_like(x)
         grad_row_weight = torch.zeros_like(row_weight)
         gw1, gb1, gw2, gb2 = grads = [torch.empty_like(p) if p is not None else None for p in (w1, b1, w2, b2)]
-        start, hit = 0, 0
+        start, saved = 0, iter(saved_h)
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert without rows gets zero gradients
                 for grad in (g for g in grads if g is not None):
@@ -64,14 +64,13 @@ class _ExpertLoop(torch.autograd.Function):
             rows = slice(start, start + n)
             start += n
             tokens, w = row_token[rows], row_weight[rows, None]
-            h = saved_h[hit]
-            hit += 1
+            h = next(saved)
             with torch.enable_grad():
                 h_leaf = h.detach().requires_grad_()
                 a = activate(ctx.act, h_leaf, ctx.glu)
             g = grad_out.index_select(0, tokens)
             u = g @ w2[e].t()  # gradient of the expert output's projection on g, per activation
-            grad_row_weight[rows] = (a.detach() * u).sum(-1) if b2 is None else (a.detach() * u).sum(-1) + g @ b2[e]
+            grad_row_weight[rows] = (a.detach() * u).sum(-1) + (0 if b2 is None else g @ b2[e])
             gw = g.mul_(w)
             torch.mm(a.detach().t(), gw, out=gw2[e])
             if gb2 is not None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moemix.layers.dispatch import DispatchPlan, combine_tokens, dispatch_tokens, plan_dispatch
+from moemix.layers.grouped_gemm import autocast_dtype
 from moemix.layers.router import RoutingDecision
 
 __all__ = ["RoutedExperts"]
@@ -52,7 +53,7 @@ class RoutedExperts(nn.Module):
 
     def plan_routing(self, x: torch.Tensor, decision: RoutingDecision, layout: str = "auto") -> DispatchPlan:
         """The dispatch plan for tokens ``x [T, D]`` routed by ``decision`` (:func:`~moemix.layers.plan_dispatch`)."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = autocast_dtype(x.device.type) or x.dtype
         grouped_mm_ok = layout == "auto" and self.grouped_mm_ok(x.device.type, dtype)
         return plan_dispatch(decision.indices, self.num_experts, decision.kept, layout, grouped_mm_ok)
 
