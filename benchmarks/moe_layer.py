@@ -52,7 +52,14 @@ growth of the peak over the resident size just before one more step is reported 
 temporaries, gradients; not parameters or inputs). On CUDA: ``max_memory_allocated`` growth over the allocated
 bytes before the step.
 
-JSON (``--json``): ``"meta"`` (command, versions, machine, threads), then one entry per case,
+Allocator: with glibc's defaults, a buffer above the mmap threshold (at most 32 MiB) is returned to the
+kernel when freed and its pages are faulted in, zeroed, again the next step; stacked ``[E, in, out]`` weight
+gradients are such buffers, one ``nn.Linear`` per expert is not. Run the script under
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184`` (or with
+jemalloc / tcmalloc in ``LD_PRELOAD``) to time every variant with an allocator that keeps freed memory; the
+JSON's ``meta.allocator_env`` and the page's command line record which one ran.
+
+JSON (``--json``): ``"meta"`` (command, versions, machine, threads, allocator environment), then one entry per case,
 keyed by the configuration for balanced routing and ``<config>_skewed`` for skewed routing, each with
 ``ms`` (median ms per variant), ``vs_hf_loop`` (HF time / moemix time, higher is better),
 ``vs_dense_active`` (moemix time / dense time, lower is better) and timing and memory details; peak memory
@@ -377,8 +384,17 @@ def measure_memory_here(name: str, cfg: Config, routing: str, args, device) -> O
     return max(max_rss_bytes() - before, 0)
 
 
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def allocator_env() -> dict:
+    """The environment variables that change how this process's ``malloc`` keeps freed memory."""
+    return {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+
+
 def measure_memory_subprocess(name: str, cfg: Config, routing: str, args) -> Optional[int]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-worker", f"{cfg.name},{routing},{name}",
            "--layouts", args.layouts, "--dtype", args.dtype,
            "--threads", str(args.threads), "--seed", str(args.seed), "--group-size", str(args.group_size),
@@ -566,7 +582,8 @@ def main(argv=None):
                               "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "python": platform.python_version(),
                               "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                              "gshard": {"capacity_factor": args.capacity_factor, "group_size": args.group_size}}}
+                              "gshard": {"capacity_factor": args.capacity_factor, "group_size": args.group_size},
+                              "allocator_env": allocator_env()}}
     if torch.device(device).type == "cuda":
         results["meta"]["gpu"] = torch.cuda.get_device_name()
     else:
@@ -625,8 +642,9 @@ def main(argv=None):
 
     lines = print_table(rows)
     where = results["meta"].get("gpu") or results["meta"].get("cpu")
+    malloc = " ".join(f"{k}={v}" for k, v in results["meta"]["allocator_env"].items()) or "default allocator"
     write_results(results, lines, __doc__, f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {where}, "
-                  f"{args.dtype}, {torch.get_num_threads()} threads", args.json, args.markdown)
+                  f"{args.dtype}, {torch.get_num_threads()} threads, {malloc}", args.json, args.markdown)
 
 
 def print_table(rows):
