@@ -61,9 +61,11 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_probability(name: str, value) -> None:
+def check_probability(name: str, value) -> float:
+    """``value`` in [0, 1] as a Python float, else ``ValueError``."""
     if not (is_finite_real(value) and 0.0 <= as_number(value) <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(as_number(value))
 
 
 def check_bool(name: str, value) -> bool:
@@ -82,3 +84,8 @@ def check_choice(name: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+class ConfigError(ValueError):
+    """A configured value that cannot work (an option, a path, a data layout). The message names the option;
+    the recipes' command line prints it on one line and exits with status 2."""

@@ -1,7 +1,9 @@
 """The Python examples of the README and the user guides run as written: each file's ```python blocks are
 executed in order in one fresh interpreter (one namespace), the expert-parallel guide inside a one-rank
 gloo group.
-A block right after an HTML comment starting ``<!-- not run`` is skipped (it says why)."""
+A block right after an HTML comment starting ``<!-- not run`` is skipped (it says why); one right after
+``<!-- own script`` runs alone as a script file in a clean environment (it says why: a Lightning trainer
+that starts its own processes)."""
 import os
 import re
 import socket
@@ -11,12 +13,14 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK = re.compile(r"(<!-- not run[^\n]*-->\s*\n)?```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"(<!-- (?:not run|own script)[^\n]*-->\s*\n)?```python\n(.*?)```", re.S)
 
 
-def python_blocks(path: str) -> list:
+def python_blocks(path: str, kind: str = "") -> list:
+    """The blocks of ``path`` preceded by a ``<!-- kind`` comment (``""``: by none)."""
     with open(os.path.join(ROOT, path)) as f:
-        return [code for skip, code in BLOCK.findall(f.read()) if not skip]
+        return [code for note, code in BLOCK.findall(f.read()) if note.startswith(f"<!-- {kind}" if kind else "")
+                and bool(note) == bool(kind)]
 
 
 def _free_port() -> int:
@@ -37,6 +41,21 @@ def test_guide_examples_run(guide, tmp_path):
     res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("guide", ["docs/parallel.md"])
+def test_own_script_examples_run(guide, tmp_path):
+    pytest.importorskip("lightning")
+    blocks = python_blocks(guide, "own script")
+    assert blocks, f"no own-script examples found in {guide}"
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(code)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_skipped_blocks_say_why():

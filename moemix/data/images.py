@@ -4,19 +4,31 @@ The embedded default is real data that ships inside scikit-learn: ``load_digits`
 digits, 8x8 grey levels 0..16, 10 classes), upsampled to ``img_size`` and repeated to 3 channels, with a
 fixed stratified train/val/test split. ``root`` switches to an ``ImageFolder`` tree
 (``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test``) or a CIFAR-10 python folder
-(``cifar-10-batches-py`` or its parent). Nothing is downloaded.
+(``cifar-10-batches-py`` or its parent). Nothing is downloaded. An ImageFolder tree takes its classes from
+``train/``: every split uses the train split's label indices (see :mod:`moemix.data.folders`).
+
+Training loaders keep every sample, except that a last batch of a single sample (too few for BatchNorm
+statistics or for mixing a pair) is dropped each epoch (the order is shuffled, so a different sample each
+time; the log says so); evaluation loaders keep every sample.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["ImageDataModule", "load_digits_tensors"]
+from moemix._checks import ConfigError
+from moemix.data.folders import CifarBatches, cifar_dir, class_folders, image_folder
+
+__all__ = ["ImageDataModule", "load_digits_tensors", "MIN_TRAIN_BATCH"]
+
+MIN_TRAIN_BATCH = 2  # the smallest training batch: BatchNorm needs two values per channel, mixing a pair
 
 _MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -50,41 +62,6 @@ def load_digits_tensors(img_size: int, seed: int = 0, val_fraction: float = 0.15
     return {name: (x[ids], y[ids]) for name, ids in splits.items()}
 
 
-def _cifar_dir(root: str) -> Optional[str]:
-    for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
-        if os.path.isfile(os.path.join(candidate, "data_batch_1")) and os.path.isfile(os.path.join(candidate, "test_batch")):
-            return candidate
-    return None
-
-
-class _CifarBatches(Dataset):
-    """CIFAR-10 python batches (``data_batch_*``, ``test_batch``) read directly, without checksums, so
-    any folder in the official layout works (a copy, a subset)."""
-
-    def __init__(self, folder: str, files, transform):
-        import pickle
-
-        import numpy as np
-
-        images, labels = [], []
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            if "data" not in batch or "labels" not in batch:
-                raise ValueError(f"data.root: {os.path.join(folder, name)} is not a CIFAR-10 python batch")
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch["labels"])
-        self.images = np.concatenate(images).transpose(0, 2, 3, 1)  # HWC for the image transforms
-        self.labels = torch.tensor(labels, dtype=torch.long)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), self.labels[i]
-
-
 class ImageDataModule(L.LightningDataModule):
     """Classification images for the recipes.
 
@@ -103,31 +80,33 @@ class ImageDataModule(L.LightningDataModule):
                  seed: int = 0, augment: bool = True):
         super().__init__()
         if root is not None and not os.path.isdir(root):
-            raise ValueError(f"data.root={root!r} does not exist or is not a folder")
+            raise ConfigError(f"data.root={root!r} does not exist or is not a folder")
         if not isinstance(img_size, int) or img_size < 8:
-            raise ValueError(f"data.img_size must be an integer >= 8, got {img_size!r}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.img_size must be an integer >= 8, got {img_size!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
         self.num_workers, self.seed, self.augment = num_workers, seed, augment
         self.kind = self._detect_kind()
+        self.classes = class_folders(root) if self.kind == "imagefolder" else None
         self.datasets: dict = {}
 
     def _detect_kind(self) -> str:
         if self.root is None:
             return "digits"
-        if _cifar_dir(self.root):
+        if cifar_dir(self.root):
             return "cifar10"
         if os.path.isdir(os.path.join(self.root, "train")) and os.path.isdir(os.path.join(self.root, "val")):
             return "imagefolder"
-        raise ValueError(f"data.root={self.root!r} has neither an ImageFolder layout (train/ and val/ class folders) "
-                         "nor CIFAR-10 python batches (data_batch_1 ... test_batch)")
+        raise ConfigError(f"data.root={self.root!r} has neither an ImageFolder layout (train/ and val/ class folders) "
+                          "nor CIFAR-10 python batches (data_batch_1 ... test_batch)")
 
     @property
     def num_classes(self) -> int:
-        if self.kind in ("digits", "cifar10"):
-            return 10
-        return len([d for d in os.scandir(os.path.join(self.root, "train")) if d.is_dir()])
+        """10 for digits and CIFAR-10; the class folders of ``train/`` for an ImageFolder tree."""
+        return 10 if self.classes is None else len(self.classes)
 
     def _transforms(self, train: bool):
         from torchvision.transforms import v2 as T
@@ -146,29 +125,42 @@ class ImageDataModule(L.LightningDataModule):
             splits = load_digits_tensors(self.img_size, self.seed)
             self.datasets = {name: TensorDataset(*tensors) for name, tensors in splits.items()}
         elif self.kind == "cifar10":
-            folder = _cifar_dir(self.root)
+            folder = cifar_dir(self.root)
             train_files = sorted(f for f in os.listdir(folder) if f.startswith("data_batch_"))
-            test = _CifarBatches(folder, ["test_batch"], self._transforms(False))
-            self.datasets = {"train": _CifarBatches(folder, train_files, self._transforms(True)), "val": test,
-                             "test": test}
+            test = CifarBatches(folder, ["test_batch"], self._transforms(False), self.root)
+            self.datasets = {"train": CifarBatches(folder, train_files, self._transforms(True), self.root),
+                             "val": test, "test": test}
         else:
-            from torchvision.datasets import ImageFolder
+            test = "test" if os.path.isdir(os.path.join(self.root, "test")) else "val"
+            for name, split in (("train", "train"), ("val", "val"), ("test", test)):
+                if name == "test" and split == "val":
+                    self.datasets["test"] = self.datasets["val"]
+                    continue
+                dataset, missing = image_folder(self.root, split, self.classes, self._transforms(name == "train"))
+                if missing:
+                    rank_zero_info(f"data.root: {os.path.join(self.root, split)} has no images of the classes {missing} "
+                                   "(they keep their train indices)")
+                self.datasets[name] = dataset
 
-            test_dir = os.path.join(self.root, "test")
-            self.datasets = {
-                "train": ImageFolder(os.path.join(self.root, "train"), transform=self._transforms(True)),
-                "val": ImageFolder(os.path.join(self.root, "val"), transform=self._transforms(False)),
-                "test": ImageFolder(test_dir if os.path.isdir(test_dir) else os.path.join(self.root, "val"),
-                                    transform=self._transforms(False)),
-            }
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         self.setup()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        self.setup()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(len(self.datasets["train"]) / world)  # DistributedSampler pads to equal shares
+        if per_rank < MIN_TRAIN_BATCH:
+            raise ConfigError(f"data: the training split has {len(self.datasets['train'])} samples, {per_rank} per "
+                              f"process; training needs batches of at least {MIN_TRAIN_BATCH}")
+        last = per_rank % self.batch_size
+        drop_last = 0 < last < MIN_TRAIN_BATCH
+        if drop_last:
+            rank_zero_info(f"data.batch_size={self.batch_size}: the last training batch of each epoch would hold "
+                           f"{last} sample ({per_rank} per process), too few for BatchNorm or mixing; it is dropped "
+                           "(the order is shuffled each epoch, so a different sample each time)")
+        return self._loader("train", shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -64,13 +64,8 @@ class GroupedExperts(RoutedExperts):
                             ("hidden_features", hidden_features), ("out_features", out_features)):
             check_positive_int(name, value)
         glu = check_bool("glu", glu)
-        bias1, bias2 = as_pair("bias", bias)
-        bias1 = check_bool("bias[0]" if isinstance(bias, (tuple, list)) else "bias", bias1)
-        bias2 = check_bool("bias[1]" if isinstance(bias, (tuple, list)) else "bias", bias2)
-        drop1, drop2 = as_pair("drop", drop)
-        paired = isinstance(drop, (tuple, list))
-        check_probability("drop[0]" if paired else "drop", drop1)
-        check_probability("drop[1]" if paired else "drop", drop2)
+        bias1, bias2 = as_pair("bias", bias, check_bool)
+        drop1, drop2 = as_pair("drop", drop, check_probability)
         self.num_experts = num_experts
         self.in_features = in_features
         self.hidden_features = hidden_features
@@ -120,13 +115,9 @@ class GroupedExperts(RoutedExperts):
         w1 = fc1.weight.t() if fc1_up is None else torch.cat([fc1.weight.t(), fc1_up.weight.t()], dim=-1)
         b1 = self._dense_bias("fc1", [layer for layer in (fc1, fc1_up) if layer is not None], self.b1)
         b2 = self._dense_bias("fc2", [fc2], self.b2)
-        for e in experts:
-            self.w1[e].copy_(w1)
-            self.w2[e].copy_(fc2.weight.t())
-            if self.b1 is not None:
-                self.b1[e].copy_(b1)
-            if self.b2 is not None:
-                self.b2[e].copy_(b2)
+        for param, value in ((self.w1, w1), (self.w2, fc2.weight.t()), (self.b1, b1), (self.b2, b2)):
+            if param is not None:
+                param[list(experts)] = value
 
     @staticmethod
     def _dense_bias(name: str, layers: List[nn.Linear], expert_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -139,8 +139,12 @@ class MoELayer(nn.Module):
         return self.router.k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_last_dim(type(self).__name__, x, self.in_features)
+        param = next(self.experts.parameters(), None)
+        check_last_dim(type(self).__name__, x, self.in_features, None if param is None else param.dtype)
         lead_shape = x.shape[:-1]
+        if x.is_meta:  # shape inference: routing needs values
+            self.aux_loss = x.new_zeros(())
+            return x.new_empty(*lead_shape, self.out_features)
         tokens = x.reshape(-1, self.in_features)
         decision = self.router(tokens)
         y = self._experts_forward(tokens, decision)

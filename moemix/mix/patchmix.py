@@ -31,7 +31,8 @@ class PatchMix:
     when ``return_info=True``.
 
     Args:
-        grid: ``(gh, gw)`` patch grid, e.g. ``(14, 14)`` for 16-px patches at 224. Defaults to (14, 14).
+        grid: ``(gh, gw)`` patch grid, e.g. ``(14, 14)`` for 16-px patches at 224, or one int for a square
+            grid. Defaults to (14, 14).
         ratio: fixed fraction of patches to replace, or None to draw it per sample. Defaults to None.
         ratio_range: ``(low, high)`` of the uniform draw when ``ratio`` is None. Defaults to (0, 1).
         prob: probability of mixing each sample. Defaults to 1.0. Setting the attribute ``enabled`` to False
@@ -49,12 +50,14 @@ class PatchMix:
         [0.75, 0.0, 0.25]
     """
 
-    def __init__(self, grid: Sequence[int] = (14, 14), *, ratio: float | None = None,
+    def __init__(self, grid: int | Sequence[int] = (14, 14), *, ratio: float | None = None,
                  ratio_range: Sequence[float] = (0.0, 1.0), prob: float = 1.0, label_smoothing: float = 0.0,
                  num_classes: int | None = None, pairing: str = "flip", return_info: bool = False,
                  generator: torch.Generator | None = None) -> None:
-        if len(grid) != 2:
-            raise ValueError(f"grid must be (gh, gw), got {grid!r}")
+        if isinstance(grid, int) and not isinstance(grid, bool):
+            grid = (grid, grid)
+        if not isinstance(grid, Sequence) or len(grid) != 2:
+            raise ValueError(f"grid must be an int or (gh, gw), got {grid!r}")
         for g in grid:
             check_positive_int("grid", g)
         if ratio is not None:

@@ -99,6 +99,9 @@ class CLSAttentionHook:
         num_prefix_tokens: CLS + register tokens. Defaults to 1.
         grid_size: the ``(gh, gw)`` patch grid; inferred as square-ish when None.
         only_training: skip the work when the module is in eval mode. Defaults to True.
+
+    ``captures`` counts the forwards whose attention was kept, so that :meth:`TransMix.relabel` can check
+    that the attention it is given came from the forward of the batch it relabels.
     """
 
     def __init__(self, module: nn.Module, *, qk_fn: Callable | None = None, num_prefix_tokens: int = 1,
@@ -107,6 +110,7 @@ class CLSAttentionHook:
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.only_training = only_training
         self.cls_attention: torch.Tensor | None = None
+        self.captures = 0
         self._module = module
         if qk_fn is None:
             for attr in ("qkv", "num_heads", "head_dim"):
@@ -132,14 +136,18 @@ class CLSAttentionHook:
         q_cls = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, h, 1, d]; only the CLS query
         k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, h, N, d]
         scale = getattr(attn, "scale", d ** -0.5)
-        self.cls_attention = cls_attention_from_qk(q_cls, k, scale=scale, num_prefix_tokens=self.num_prefix_tokens)
+        self._keep(cls_attention_from_qk(q_cls, k, scale=scale, num_prefix_tokens=self.num_prefix_tokens))
 
     @torch.no_grad()
     def _from_fn(self, module, inputs, output) -> None:
         if self.only_training and not module.training:
             return
         q, k = self._qk_fn(module, inputs, output)
-        self.cls_attention = cls_attention_from_qk(q.detach(), k.detach(), num_prefix_tokens=self.num_prefix_tokens)
+        self._keep(cls_attention_from_qk(q.detach(), k.detach(), num_prefix_tokens=self.num_prefix_tokens))
+
+    def _keep(self, cls_attention: torch.Tensor) -> None:
+        self.cls_attention = cls_attention
+        self.captures += 1
 
     def remove(self) -> None:
         """Detach the hook from the model."""
@@ -178,6 +186,10 @@ class TransMix(MixUpCutMix):
         logits = vit(x)
         y = mixer.relabel(record, hook.cls_attention)
 
+    With the hook registered by :meth:`use_hook`, the record remembers the hook's capture count and
+    :meth:`relabel` refuses the hook's attention unless exactly one hooked forward ran after the mix (the
+    attention would otherwise belong to another batch of the same size).
+
     Defaults follow the paper's DeiT recipe: mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.8 (as the
     reference code's config), label_smoothing 0.1. Shapes: ``x`` ``[B, C, H, W]``, ``y`` ``[B]`` or ``[B, K]``.
     """
@@ -191,11 +203,32 @@ class TransMix(MixUpCutMix):
         super().__init__(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam,
                          label_smoothing, num_classes, return_info=return_info, **kwargs)
         self._grid_hint: tuple[int, int] | None = None
+        self._hook: CLSAttentionHook | None = None
 
     def use_hook(self, hook: CLSAttentionHook) -> CLSAttentionHook:
-        """Remember the hook's patch grid for :meth:`relabel`; returns the hook."""
+        """Remember the hook (its patch grid and capture count) for :meth:`relabel`; returns the hook."""
         self._grid_hint = hook.grid_size
+        self._hook = hook
         return hook
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, **kwargs):
+        out = super().__call__(x, y, **kwargs)
+        if self._hook is not None and len(out) == 3:
+            out[2].extra["transmix_captures"] = self._hook.captures
+        return out
+
+    def _check_attention_is_of(self, record: MixRecord, cls_attention: torch.Tensor) -> None:
+        mixed_at = record.extra.get("transmix_captures")
+        if self._hook is None or mixed_at is None or cls_attention is not self._hook.cls_attention:
+            return
+        forwards = self._hook.captures - mixed_at
+        if forwards == 0:
+            raise ValueError("cls_attention: the hooked model has not run on this batch since it was mixed; call "
+                             "relabel after the model's forward of the mixed batch")
+        if forwards > 1:
+            raise ValueError(f"cls_attention: the hooked model ran {forwards} training forwards since this batch was "
+                             "mixed, so the hook holds the attention of a later batch; call relabel right after the "
+                             "forward of the mixed batch")
 
     def relabel(self, record: MixRecord, cls_attention: torch.Tensor | None,
                 grid_size: Sequence[int] | None = None) -> torch.Tensor:
@@ -212,6 +245,7 @@ class TransMix(MixUpCutMix):
             return mix_targets(y, record.label_lam, record.perm) if record.applied else y
         if cls_attention is None:
             raise ValueError("cls_attention is None: run the hooked model forward on the mixed batch first")
+        self._check_attention_is_of(record, cls_attention)
         b, n = cls_attention.shape
         if b != y.shape[0]:
             raise ValueError(f"cls_attention has batch {b}, the record has {y.shape[0]}")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemix._checks import ConfigError
 from moemix.callbacks.routing_telemetry import tensorboard_writer
 from moemix.layers import replace_mlp_with_moe
 from moemix.losses import collect_aux_loss
@@ -79,7 +80,7 @@ def _check_hyperparameters(*, lr, weight_decay, warmup_epochs, min_lr_factor, mo
         ]
     for name, value, bad, expected in problems:
         if bad:
-            raise ValueError(f"model.{name} must be {expected}, got {value!r}")
+            raise ConfigError(f"model.{name} must be {expected}, got {value!r}")
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
@@ -117,11 +118,11 @@ class ImageClassifier(L.LightningModule):
         import timm
 
         if not timm.is_model(model_name):
-            raise ValueError(f"model.model_name={model_name!r} is not a timm model (see timm.list_models())")
+            raise ConfigError(f"model.model_name={model_name!r} is not a timm model (see timm.list_models())")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+            raise ConfigError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
         _check_hyperparameters(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                                min_lr_factor=min_lr_factor, moe_every=moe_every, num_experts=num_experts, moe_k=moe_k,
                                moe_aux_loss_coef=moe_aux_loss_coef,
@@ -134,7 +135,7 @@ class ImageClassifier(L.LightningModule):
                                                             num_experts=num_experts, k=moe_k,
                                                             aux_loss_coef=moe_aux_loss_coef)
             except ValueError as err:
-                raise ValueError(f"model.moe_every={moe_every}, model.moe_blocks={moe_blocks}: {err}") from None
+                raise ConfigError(f"model.moe_every={moe_every}, model.moe_blocks={moe_blocks}: {err}") from None
         self.ema = None
         if ema_decay is not None:
             self.ema = torch.optim.swa_utils.AveragedModel(

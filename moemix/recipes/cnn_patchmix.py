@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from moemix._checks import ConfigError
 from moemix.mix import CutMix, MixUp, MixUpCutMix, PatchMix
 from moemix.mix.functional import grid_to_pixels, mix, pair_indices, patch_masks
 from moemix.recipes._classifier import ImageClassifier
@@ -65,9 +66,9 @@ class CNNPatchMix(ImageClassifier):
                  min_lr_factor: float = 0.01, label_smoothing: float = 0.1, ema_decay: Optional[float] = None,
                  log_images: bool = True):
         if mixing not in MIXINGS:
-            raise ValueError(f"model.mixing must be one of {MIXINGS}, got {mixing!r}")
+            raise ConfigError(f"model.mixing must be one of {MIXINGS}, got {mixing!r}")
         if not isinstance(patch_grid, int) or patch_grid < 1 or img_size % patch_grid:
-            raise ValueError(f"model.patch_grid={patch_grid} must be a positive divisor of model.img_size={img_size}")
+            raise ConfigError(f"model.patch_grid={patch_grid} must be a positive divisor of model.img_size={img_size}")
         super().__init__(model_name, model_kwargs, num_classes, img_size, lr, weight_decay, warmup_epochs,
                          min_lr_factor, label_smoothing, ema_decay, log_images=log_images)
         self.save_hyperparameters()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
+from moemix._checks import ConfigError
 from moemix.mix import MixUpCutMix, TransMix, attach_transmix
 from moemix.recipes._classifier import ImageClassifier
 from moemix.recipes._cli import run_cli
@@ -40,11 +41,11 @@ class ViTTransMix(ImageClassifier):
                  moe_blocks: Optional[Sequence[int]] = None, num_experts: int = 4, moe_k: int = 2,
                  moe_aux_loss_coef: float = 0.01, log_images: bool = True):
         if img_size % patch_size:
-            raise ValueError(f"model.img_size={img_size} must be divisible by model.patch_size={patch_size}")
+            raise ConfigError(f"model.img_size={img_size} must be divisible by model.patch_size={patch_size}")
         if model_kwargs is None:
             model_kwargs = {"embed_dim": 96, "depth": 4, "num_heads": 3}
         if transmix and cutmix_alpha <= 0:
-            raise ValueError("model.transmix needs CutMix: set model.cutmix_alpha > 0 or model.transmix false")
+            raise ConfigError("model.transmix needs CutMix: set model.cutmix_alpha > 0 or model.transmix false")
         super().__init__(model_name, model_kwargs, num_classes, img_size, lr, weight_decay, warmup_epochs,
                          min_lr_factor, label_smoothing, ema_decay, moe_every, moe_blocks, num_experts, moe_k,
                          moe_aux_loss_coef, log_images)
@@ -62,9 +63,14 @@ class ViTTransMix(ImageClassifier):
     def build_model(self, timm, model_name, kwargs, num_classes, img_size):
         kwargs.setdefault("img_size", img_size)
         kwargs.setdefault("patch_size", self.hparams.patch_size)
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+        vit = "a timm ViT with a class token and `blocks` (e.g. vit_tiny_patch16_224)"
+        try:
+            model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+        except TypeError as err:  # a CNN does not take the ViT keywords
+            raise ConfigError(f"model.model_name={model_name!r} must be {vit} that takes model.model_kwargs "
+                              f"{kwargs} ({err})") from None
         if not hasattr(model, "blocks") or getattr(model, "cls_token", None) is None:
-            raise ValueError(f"model.model_name={model_name!r} is not a ViT with a class token and `blocks`")
+            raise ConfigError(f"model.model_name={model_name!r} must be {vit}")
         return model
 
     def targets_after_forward(self, y_soft, record):

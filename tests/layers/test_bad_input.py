@@ -101,3 +101,21 @@ def test_sparse_moe_refuses_arguments_without_effect_and_integer_input():
         SparseMoE(8, 16, router_init_std=-1.0)
     with pytest.raises(ValueError, match="SparseMoE expected a floating-point input, got dtype torch.int64"):
         SparseMoE(8, 16)(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_an_input_of_another_dtype_is_refused_at_the_layer_as_nn_linear_does():
+    from moemix.layers import SparseMoE
+    moe = SparseMoE(8, 16, num_experts=4, k=2)
+    with pytest.raises(ValueError, match=r"SparseMoE expected input of dtype torch\.float32 \(its parameters'\), "
+                                         r"got torch\.float16"):
+        moe(torch.randn(3, 8).half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts, as for nn.Linear
+        assert moe(torch.randn(3, 8)).dtype == torch.bfloat16
+
+
+def test_meta_input_gives_the_output_shape_as_nn_linear_does():
+    from moemix.layers import SparseMoE
+    moe = SparseMoE(8, 16, num_experts=4, k=2, device="meta")
+    y = moe(torch.empty(2, 5, 8, device="meta"))
+    assert y.shape == (2, 5, 8) and y.device.type == "meta"
+    assert moe.aux_loss.device.type == "meta"

@@ -41,3 +41,9 @@ def test_patchmix_leaves_input_alone_and_is_deterministic():
 def test_image_smaller_than_grid_raises():
     with pytest.raises(ValueError, match="smaller than the patch grid"):
         PatchMix((14, 14), num_classes=K)(torch.rand(2, 3, 10, 10), torch.tensor([0, 1]))
+
+
+def test_an_int_grid_is_square():
+    assert PatchMix(grid=8, num_classes=2).grid == (8, 8)
+    with pytest.raises(ValueError, match=r"grid must be an int or \(gh, gw\)"):
+        PatchMix(grid=(2, 2, 2))

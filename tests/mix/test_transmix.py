@@ -67,6 +67,26 @@ def test_relabel_equals_paper_formula_from_full_attention(vit):
     assert torch.allclose(target.sum(1), torch.ones(6), atol=1e-5)
 
 
+def test_relabel_refuses_the_attention_of_another_forward(vit):
+    vit.train()
+    hook = attach_transmix(vit)
+    tm = TransMix(num_classes=K, switch_prob=1.0, generator=torch.Generator().manual_seed(1))
+    tm.use_hook(hook)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, K, (4,))
+    with torch.no_grad():
+        vit(torch.rand(4, 3, 32, 32))  # an earlier batch of the same size
+        xm, _, rec = tm(x, y)
+        with pytest.raises(ValueError, match="has not run on this batch since it was mixed"):
+            tm.relabel(rec, hook.cls_attention)
+        vit(xm)
+        first = tm.relabel(rec, hook.cls_attention)
+        vit(torch.rand(4, 3, 32, 32))
+        with pytest.raises(ValueError, match="ran 2 training forwards since this batch was mixed"):
+            tm.relabel(rec, hook.cls_attention)
+    hook.remove()
+    assert torch.allclose(first.sum(1), torch.ones(4), atol=1e-5)
+
+
 def test_mixup_branch_keeps_area_target(vit):
     tm = TransMix(num_classes=K, switch_prob=0.0, generator=torch.Generator().manual_seed(0))
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, K, (4,))

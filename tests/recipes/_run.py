@@ -26,3 +26,17 @@ class StopAfterFirstEpoch(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         trainer.should_stop = True
+
+
+def config_error(recipe, tmp_path, capsys, *args):
+    """Run a recipe that must refuse its configuration: returns the one ``error:`` line it printed on stderr."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(recipe, tmp_path, *args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]  # (pytest may print warnings there too)
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
