@@ -11,8 +11,7 @@ from moemix._checks import (check_bool, check_choice, check_nonnegative, check_o
 
 
 def as_pair(name: str, value, check) -> Tuple:
-    """``timm``'s ``to_2tuple`` with checks: a scalar ``v`` -> ``(v, v)``, a pair kept, each element returned by
-    ``check(name, v)`` (``name[0]``, ``name[1]`` for a pair's), which raises ``ValueError`` for a bad one."""
+    """timm's ``to_2tuple`` (``v`` -> ``(v, v)``), each element through ``check(name or name[i], v) -> v``."""
     if not isinstance(value, (tuple, list)):
         return (check(name, value),) * 2
     if len(value) != 2:

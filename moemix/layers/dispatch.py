@@ -25,8 +25,7 @@ from moemix.layers._validate import check_choice
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_tokens", "combine_tokens", "choose_layout", "LAYOUTS"]
 
 LAYOUTS = ("auto", "sorted", "padded", "grouped_mm")
-# Padded rows per routed row up to which "auto" runs the batched GEMM: on CPU padding costs as much as the
-# rows themselves, so only balanced routing; on CUDA one batched launch pays for far more.
+# Padded rows per routed row up to which "auto" pads: on CPU only balanced routing pays, on CUDA one launch pays more.
 PADDED_MAX_WASTE = {"cpu": 1.5, "cuda": 4.0}
 PADDED_MAX_MEAN_ROWS_CPU = 128
 
@@ -75,8 +74,7 @@ def choose_layout(counts: List[int], device_type: str = "cpu", num_dropped: int 
     experts can run ``F.grouped_mm`` in the compute dtype (CUDA, bfloat16/float16, aligned widths).
 
     One batched GEMM beats per-expert GEMMs while padding costs little and, on CPU, while experts get few
-    rows (with many rows each the per-expert GEMMs are as fast and their temporaries smaller).
-    """
+    rows (with many rows each the per-expert GEMMs are as fast and their temporaries smaller)."""
     if num_dropped:
         return "sorted"
     if grouped_mm_ok:
@@ -109,11 +107,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int, kept: Optional[torch.
     bins = torch.bincount(flat.clamp(0, num_experts), minlength=num_experts + 1)
     *counts, num_dropped, num_bad = torch.cat([bins, bad]).tolist()  # the one host sync
     if num_bad:
-        raise ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {num_bad} outside "
-                         "that range")
+        raise ValueError(f"indices must be expert ids in [0, num_experts={num_experts}), got {num_bad} outside it")
     if num_dropped and layout in ("padded", "grouped_mm"):
-        raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use 'sorted' or 'auto' with a "
-                         "capacity")
+        raise ValueError(f"layout={layout!r} cannot hold dropped assignments; use 'sorted' or 'auto'")
     if layout == "auto":
         layout = choose_layout(counts, indices.device.type, num_dropped, grouped_mm_ok)
     # CPU sorts of integer keys take a slow parallel path; float keys sort exactly below 2**24 experts.
@@ -148,8 +144,7 @@ def dispatch_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine_tokens(out_rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """``y[t] = sum_j weights[t, j] * out_rows[slot[t, j]]``: ``[R, D'], [T, k] -> [T, D']``, dropped
-    assignments adding zero."""
+    """``y[t] = sum_j weights[t, j] * out_rows[slot[t, j]]``: ``[R, D'], [T, k] -> [T, D']``; dropped ones add 0."""
     if plan.num_dropped:  # they point one past the buffer, at a zero row
         out_rows = torch.cat([out_rows, out_rows.new_zeros(1, out_rows.shape[-1])])
     return F.embedding_bag(plan.slot, out_rows, mode="sum", per_sample_weights=weights.to(out_rows.dtype))
