@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moemix.adapters.inject import AdapterReport, inject_mixlora
+from moemix.adapters.lora import LoRALinear
 from moemix.adapters.mixlora import MixLoRA
 
 __all__ = ["save_adapters", "load_adapters"]
@@ -43,7 +44,8 @@ def load_adapters(model: nn.Module, path: str) -> AdapterReport:
         config = json.loads((f.metadata() or {}).get(_KEY, "null"))
     if config is None:
         raise ValueError(f"path: {path} is not a moemix adapter file (no '{_KEY}' metadata)")
-    injected = all(isinstance(_get(model, name), MixLoRA) for name in config["ffn"])
+    injected = all(isinstance(_get(model, name), MixLoRA) for name in config["ffn"]) and \
+        all(isinstance(_get(model, name), LoRALinear) for name in config["attention"])
     if injected:
         report = AdapterReport(config["ffn"], config["attention"], 0, 0, config)
     else:

@@ -88,7 +88,7 @@ def inject_mixlora(model: nn.Module, *, ffn_pattern: Optional[Pattern] = None, a
         model: a timm ViT, an HF-style decoder or any model whose modules the patterns name.
         ffn_pattern: FFN modules (peft's rule: a regex fully matching the module name, or a list of names
             matched exactly or as a dotted suffix). Defaults to every ``blocks.N.mlp`` (timm ViT) or every
-            ``*.mlp`` (HF decoders).
+            ``*.mlp`` (HF decoders); ``()`` for none (plain LoRA on the attention only).
         attn_pattern: ``nn.Linear`` attention projections for plain LoRA; ``()`` for none. Defaults to q and v:
             the q and v slices of timm's fused ``blocks.N.attn.qkv``, or HF's ``q_proj`` and ``v_proj``; none for
             other models.
@@ -107,9 +107,11 @@ def inject_mixlora(model: nn.Module, *, ffn_pattern: Optional[Pattern] = None, a
                          "decoder (`*.mlp` with gate_proj); name its FFN modules")
     ffn_pattern = default_ffn if ffn_pattern is None else ffn_pattern
     attn_pattern = (default_attn or ()) if attn_pattern is None else attn_pattern
-    ffn_names = matching_modules(model, ffn_pattern, "ffn_pattern")
+    ffn_names = matching_modules(model, ffn_pattern, "ffn_pattern") if len(ffn_pattern) else []
     attn_names = matching_modules(model, attn_pattern, "attn_pattern", (nn.Linear,)) if len(attn_pattern) else []
     keep = matching_modules(model, trainable, "trainable") if len(trainable) else []
+    if not ffn_names and not attn_names:
+        raise ValueError("ffn_pattern and attn_pattern are both empty: nothing to adapt")
     overlap = [a for a in attn_names for f in ffn_names if a.startswith(f + ".")]
     if overlap:
         raise ValueError(f"attn_pattern matched {overlap[0]!r} inside an FFN that ffn_pattern matched")

@@ -14,7 +14,7 @@ so it runs as one dense GEMM over all routed rows; only the LoRA factors run per
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,27 @@ from moemix.layers.routed_experts import RoutedExperts
 from moemix.layers.router import TopKRouter
 
 __all__ = ["MixLoRA", "MixLoRAExperts"]
+
+
+class _ExpertRows(torch.autograd.Function):
+    """``t[row_token[slice_e]]`` for each expert's slice of the sorted rows, with one ``[T, ...]`` gradient for all
+    of them (stock autograd of per-expert gathers would zero-fill a full-size gradient per expert)."""
+
+    @staticmethod
+    def forward(ctx, t, row_token, counts):
+        ctx.save_for_backward(row_token)
+        ctx.shape, ctx.counts = t.shape, counts
+        return tuple(t.index_select(0, tokens) for tokens in row_token.split(counts))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (row_token,) = ctx.saved_tensors
+        grad = None
+        for tokens, g in zip(row_token.split(ctx.counts), grads):
+            if g is not None:
+                grad = grad if grad is not None else g.new_zeros(ctx.shape)
+                grad.index_add_(0, tokens, g)
+        return grad, None, None
 
 
 class MixLoRAExperts(RoutedExperts):
@@ -69,30 +90,58 @@ class MixLoRAExperts(RoutedExperts):
         return {name: layer for name, layer in found.items() if layer is not None}
 
     def _lora(self, name: str, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``s * B A dropout(x)`` of each row's expert, for the expert buffer ``x`` of ``plan``."""
         a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
         return grouped_matmul(grouped_matmul(self.lora_dropout(x), a, plan), b, plan) * self.scaling
 
+    def _lora_of_expert(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``s * B_e A_e dropout(x)`` for rows ``x`` of expert ``e``."""
+        a, b = getattr(self, f"lora_A_{name}")[expert], getattr(self, f"lora_B_{name}")[expert]
+        return self.lora_dropout(x) @ a @ b * self.scaling
+
     def _expert_outputs(self, x_rows: torch.Tensor, gate_rows: torch.Tensor, up_rows: Optional[torch.Tensor],
-                        plan: DispatchPlan) -> torch.Tensor:
+                        lora: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The experts on rows whose base first projections are given; ``lora(projection, input)``: the deltas."""
         parts = self.parts
-        h = parts.act(gate_rows + self._lora("gate", x_rows, plan))
+        h = parts.act(gate_rows + lora("gate", x_rows))
         if up_rows is not None:
-            h = h * (up_rows + self._lora("up", x_rows, plan))
+            h = h * (up_rows + lora("up", x_rows))
         h = parts.drop1(h)
-        return parts.drop2(parts.down(h) + self._lora("down", h, plan))
+        return parts.drop2(parts.down(h) + lora("down", h))
 
     def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """The base projections once for the tokens ``x [T, D]``, gathered with the tokens into the expert
-        buffer; LoRA deltas per expert; the combine weighted by ``weights [T, k]``."""
+        """The base first projections once for the tokens ``x [T, D]``; then, in the sorted layout, a loop over
+        the experts (each gathers its rows of the tokens and of the projections, adds its deltas, runs the
+        shared second projection and adds its weighted rows to the output: temporaries of one expert's rows),
+        or, in the padded and grouped_mm layouts, the same on the whole expert buffer at once."""
         parts = self.parts
         shared = [parts.gate(x), parts.up(x) if parts.up is not None else None]
-        rows = [dispatch_tokens(t, plan) if t is not None else None for t in (x, *shared)]
-        return combine_tokens(self._expert_outputs(*rows, plan), weights, plan)
+        if plan.layout != "sorted":
+            rows = [dispatch_tokens(t, plan) if t is not None else None for t in (x, *shared)]
+            return combine_tokens(self._expert_outputs(*rows, lambda n, t: self._lora(n, t, plan)), weights, plan)
+        slot = plan.slot.reshape(-1)
+        kept = slot < plan.num_rows
+        assignment = torch.empty(plan.num_rows, dtype=torch.long, device=x.device)
+        assignment[slot[kept]] = torch.nonzero(kept).squeeze(1)
+        row_weight = weights.reshape(-1)[assignment].split(plan.counts)
+        gathered = [list(_ExpertRows.apply(t, plan.row_token, plan.counts)) if t is not None else None
+                    for t in (x, *shared)]
+        out = x.new_zeros(x.shape[0], self.out_features, dtype=torch.promote_types(x.dtype, weights.dtype))
+        for e, (tokens, w) in enumerate(zip(plan.row_token.split(plan.counts), row_weight)):
+            rows = [g[e] if g is not None else None for g in gathered]
+            for g in gathered:  # each expert's rows live only while it runs
+                if g is not None:
+                    g[e] = None
+            if len(tokens):
+                y = self._expert_outputs(*rows, lambda n, t, e=e: self._lora_of_expert(n, t, e))
+                out = out.index_add(0, tokens, (y * w[:, None]).to(out.dtype))
+        return out.to(x.dtype)
 
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The expert buffer ``rows [R, D]`` through each row's expert (base projections on the rows)."""
         parts = self.parts
-        return self._expert_outputs(rows, parts.gate(rows), parts.up(rows) if parts.up is not None else None, plan)
+        shared = [parts.gate(rows), parts.up(rows) if parts.up is not None else None]
+        return self._expert_outputs(rows, *shared, lambda n, t: self._lora(n, t, plan))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"

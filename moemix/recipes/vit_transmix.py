@@ -18,7 +18,30 @@ from moemix.mix import MixUpCutMix, TransMix, attach_transmix
 from moemix.recipes._classifier import ImageClassifier
 from moemix.recipes._cli import run_cli
 
-__all__ = ["ViTTransMix", "cli_main"]
+__all__ = ["ViTTransMix", "create_vit", "DEFAULT_MODEL_KWARGS", "cli_main"]
+
+
+DEFAULT_MODEL_KWARGS = {"embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+def create_vit(model_name: str, model_kwargs: Optional[Dict[str, Any]], num_classes: int, img_size: int,
+               patch_size: int):
+    """The recipe's timm ViT (``model_kwargs`` None: :data:`DEFAULT_MODEL_KWARGS`); a ``ConfigError`` for a model
+    that is not a ViT with a class token and ``blocks``."""
+    import timm
+
+    kwargs = dict(DEFAULT_MODEL_KWARGS if model_kwargs is None else model_kwargs)
+    kwargs.setdefault("img_size", img_size)
+    kwargs.setdefault("patch_size", patch_size)
+    vit = "a timm ViT with a class token and `blocks` (e.g. vit_tiny_patch16_224)"
+    try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # a CNN does not take the ViT keywords
+        raise ConfigError(f"model.model_name={model_name!r} must be {vit} that takes model.model_kwargs "
+                          f"{kwargs} ({err})") from None
+    if not hasattr(model, "blocks") or getattr(model, "cls_token", None) is None:
+        raise ConfigError(f"model.model_name={model_name!r} must be {vit}")
+    return model
 
 
 class ViTTransMix(ImageClassifier):
@@ -43,7 +66,7 @@ class ViTTransMix(ImageClassifier):
         if img_size % patch_size:
             raise ConfigError(f"model.img_size={img_size} must be divisible by model.patch_size={patch_size}")
         if model_kwargs is None:
-            model_kwargs = {"embed_dim": 96, "depth": 4, "num_heads": 3}
+            model_kwargs = dict(DEFAULT_MODEL_KWARGS)
         if transmix and cutmix_alpha <= 0:
             raise ConfigError("model.transmix needs CutMix: set model.cutmix_alpha > 0 or model.transmix false")
         super().__init__(model_name, model_kwargs, num_classes, img_size, lr, weight_decay, warmup_epochs,
@@ -61,17 +84,7 @@ class ViTTransMix(ImageClassifier):
                 self.mixer = MixUpCutMix(**kwargs)
 
     def build_model(self, timm, model_name, kwargs, num_classes, img_size):
-        kwargs.setdefault("img_size", img_size)
-        kwargs.setdefault("patch_size", self.hparams.patch_size)
-        vit = "a timm ViT with a class token and `blocks` (e.g. vit_tiny_patch16_224)"
-        try:
-            model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
-        except TypeError as err:  # a CNN does not take the ViT keywords
-            raise ConfigError(f"model.model_name={model_name!r} must be {vit} that takes model.model_kwargs "
-                              f"{kwargs} ({err})") from None
-        if not hasattr(model, "blocks") or getattr(model, "cls_token", None) is None:
-            raise ConfigError(f"model.model_name={model_name!r} must be {vit}")
-        return model
+        return create_vit(model_name, kwargs, num_classes, img_size, self.hparams.patch_size)
 
     def targets_after_forward(self, y_soft, record):
         if self.attention_hook is None or record is None:

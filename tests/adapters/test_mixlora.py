@@ -103,3 +103,20 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 def test_an_unknown_ffn_is_refused_naming_what_is_expected():
     with pytest.raises(ValueError, match="is not a known FFN"):
         MixLoRA(nn.Linear(4, 4))
+
+
+def test_layouts_give_the_same_gradients():
+    torch.manual_seed(0)
+    layer = MixLoRA(LlamaMLP(), num_experts=4, k=2, dropout=0.0)
+    _randomise_adapters(layer)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    layer.double()
+    grads = {}
+    for layout in ("sorted", "padded"):
+        layer.dispatch_layout = layout
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        (layer(xi) ** 2).sum().backward()
+        grads[layout] = [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b)
