@@ -29,7 +29,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,9 +69,9 @@ class NaiveMixLoRA(nn.Module):
         for e in range(E):
             token_idx, slot = torch.where(decision.indices == e)
             rows = tokens[token_idx]
-            h = parts.gate(rows) + experts.lora_dropout(rows) @ experts.lora_A_gate[e] @ experts.lora_B_gate[e] * experts.scaling
-            h = parts.act(h)
-            y = parts.down(h) + experts.lora_dropout(h) @ experts.lora_A_down[e] @ experts.lora_B_down[e] * experts.scaling
+            s, drop = experts.scaling, experts.lora_dropout
+            h = parts.act(parts.gate(rows) + drop(rows) @ experts.lora_A_gate[e] @ experts.lora_B_gate[e] * s)
+            y = parts.down(h) + drop(h) @ experts.lora_A_down[e] @ experts.lora_B_down[e] * s
             out.index_add_(0, token_idx, y * decision.weights[token_idx, slot, None])
         return out.view_as(x)
 

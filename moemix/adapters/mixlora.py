@@ -126,6 +126,7 @@ class MixLoRAExperts(RoutedExperts):
         row_weight = weights.reshape(-1)[assignment].split(plan.counts)
         gathered = [list(_ExpertRows.apply(t, plan.row_token, plan.counts)) if t is not None else None
                     for t in (x, *shared)]
+        del shared  # [T, H]: no longer needed once its rows are gathered
         out = x.new_zeros(x.shape[0], self.out_features, dtype=torch.promote_types(x.dtype, weights.dtype))
         for e, (tokens, w) in enumerate(zip(plan.row_token.split(plan.counts), row_weight)):
             rows = [g[e] if g is not None else None for g in gathered]

@@ -19,7 +19,7 @@ __all__ = ["CifarBatches", "cifar_dir", "class_folders", "image_folder"]
 def cifar_dir(root: str) -> Optional[str]:
     """The folder under ``root`` (itself or ``cifar-10-batches-py``) that holds CIFAR-10 python batches."""
     for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
-        if os.path.isfile(os.path.join(candidate, "data_batch_1")) and os.path.isfile(os.path.join(candidate, "test_batch")):
+        if all(os.path.isfile(os.path.join(candidate, name)) for name in ("data_batch_1", "test_batch")):
             return candidate
     return None
 

@@ -153,8 +153,9 @@ class ImageDataModule(L.LightningDataModule):
                     continue
                 dataset, missing = image_folder(self.root, split, self.classes, self._transforms(name == "train"))
                 if missing:
-                    rank_zero_info(f"data.root: {os.path.join(self.root, split)} has no images of the classes {missing} "
-                                   "(they keep their train indices)")
+                    folder = os.path.join(self.root, split)
+                    rank_zero_info(f"data.root: {folder} has no images of the classes {missing} (they keep "
+                                   "their train indices)")
                 self.datasets[name] = dataset
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:

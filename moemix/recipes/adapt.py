@@ -55,7 +55,8 @@ def load_vit_checkpoint(path: Optional[str]) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ConfigError(f"model.checkpoint={path!r} does not fit {hp['model_name']}: {str(err).splitlines()[0]}") from None
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"model.checkpoint={path!r} does not fit {hp['model_name']}: {first_line}") from None
     model.pretrained_img_size = hp["img_size"]
     return model
 

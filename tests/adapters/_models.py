@@ -1,5 +1,4 @@
 """Small models with the module layouts the adapters meet in the wild."""
-import torch
 from torch import nn
 
 

@@ -19,7 +19,8 @@ def _randomise_adapters(layer, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
 
 
-@pytest.mark.parametrize("ffn", [lambda: timm.layers.Mlp(16, 40), lambda: LlamaMLP(), lambda: timm.layers.SwiGLU(16, 40)])
+@pytest.mark.parametrize("ffn", [lambda: timm.layers.Mlp(16, 40), lambda: LlamaMLP(),
+                                 lambda: timm.layers.SwiGLU(16, 40)])
 def test_a_fresh_layer_is_the_base_ffn(ffn):
     torch.manual_seed(0)
     base = ffn().eval()
@@ -64,7 +65,7 @@ def test_defaults_follow_the_paper():
 @pytest.mark.parametrize("kind", ["plain", "gated"])
 def test_equals_the_mixlora_package_layer(kind):
     pytest.importorskip("transformers")
-    mixlora = pytest.importorskip("mixlora", reason="the mixlora 0.2.3 package (dev extra) is not installed")
+    pytest.importorskip("mixlora", reason="the mixlora 0.2.3 package (dev extra) is not installed")
     from mixlora.config import LoraConfig, MixLoraConfig
     from mixlora.lora_linear import LoraLinear
     from mixlora.model import MixLoraSparseMoe

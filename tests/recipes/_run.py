@@ -1,9 +1,9 @@
 """Run a recipe CLI in-process with logs under a temporary folder."""
 import lightning as L
 
-from moemix.recipes import cnn_patchmix, vit_transmix
+from moemix.recipes import adapt, cnn_patchmix, vit_transmix
 
-RECIPES = {"vit_transmix": vit_transmix.cli_main, "cnn_patchmix": cnn_patchmix.cli_main}
+RECIPES = {"vit_transmix": vit_transmix.cli_main, "cnn_patchmix": cnn_patchmix.cli_main, "adapt": adapt.cli_main}
 
 
 def run(recipe, tmp_path, *args):
