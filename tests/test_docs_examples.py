@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("guide", ["README.md", "docs/layers.md", "docs/parallel.md", "docs/mix.md",
+@pytest.mark.parametrize("guide", ["README.md", "docs/layers.md", "docs/parallel.md", "docs/mix.md", "docs/rl.md",
                                    "docs/adapters.md"])
 def test_guide_examples_run(guide, tmp_path):
     pytest.importorskip("timm")
