@@ -12,7 +12,9 @@ It is a :class:`torch.distributions.Distribution` that plugs into torchrl's ``Pr
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,20 @@ from torch import nn
 
 from moemix._checks import check_positive_int
 
-__all__ = ["TanhNormalMixture", "GMMPolicyHead"]
+__all__ = ["TanhNormalMixture", "GMMPolicyHead", "routing_target", "scoring_sampled_primitive"]
+
+_SCORE_PRIMITIVE = contextvars.ContextVar("moemix_score_sampled_primitive", default=False)
+
+
+@contextlib.contextmanager
+def scoring_sampled_primitive() -> Iterator[None]:
+    """Within this block, :meth:`TanhNormalMixture.rsample_and_log_prob` (what torchrl's losses call) scores an
+    action by the primitive it was drawn from instead of by the mixture: PMOE's critic target."""
+    token = _SCORE_PRIMITIVE.set(True)
+    try:
+        yield
+    finally:
+        _SCORE_PRIMITIVE.reset(token)
 
 
 class TanhNormalMixture(D.Distribution):
@@ -80,13 +95,24 @@ class TanhNormalMixture(D.Distribution):
         """A reparameterised action from every component: ``[*sample_shape, ..., K, A]``."""
         return self.components.rsample(sample_shape)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def _rsample_with_primitive_log_prob(self, sample_shape) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action of a component drawn from ``Categorical(logits)`` and that component's exact
+        log-probability of it (scored on the pre-tanh draw)."""
         sample_shape = torch.Size(sample_shape)
-        actions = self.rsample_components(sample_shape)
+        actions, own_log_prob = self.components.rsample_and_log_prob(sample_shape)  # [*, ..., K, A], [*, ..., K]
         with torch.no_grad():
             choice = D.Categorical(logits=self.logits).sample(sample_shape)  # [*sample, ...]
         index = choice[..., None, None].expand(*choice.shape, 1, actions.shape[-1])
-        return actions.gather(-2, index).squeeze(-2)
+        return actions.gather(-2, index).squeeze(-2), own_log_prob.gather(-1, choice[..., None]).squeeze(-1)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self._rsample_with_primitive_log_prob(sample_shape)[0]
+
+    def rsample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its mixture log-probability, or, inside :func:`scoring_sampled_primitive`,
+        the log-probability of the primitive it was drawn from (PMOE's critic target)."""
+        action, primitive_log_prob = self._rsample_with_primitive_log_prob(sample_shape)
+        return action, primitive_log_prob if _SCORE_PRIMITIVE.get() else self.log_prob(action)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         with torch.no_grad():

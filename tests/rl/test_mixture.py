@@ -124,3 +124,16 @@ def test_torchrl_clip_ppo_loss_runs_with_the_mixture_actor():
     total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(out["entropy"])
+
+
+def test_inside_scoring_sampled_primitive_the_draw_is_scored_by_its_primitive():
+    from moemix.rl import scoring_sampled_primitive
+
+    loc = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)  # two primitives, one action dimension
+    dist = TanhNormalMixture(loc, torch.full((2, 1), 0.1, dtype=torch.float64),
+                             torch.tensor([30.0, -30.0], dtype=torch.float64))  # always primitive 0
+    action, mixture_lp = dist.rsample_and_log_prob()
+    torch.testing.assert_close(mixture_lp, dist.log_prob(action))
+    with scoring_sampled_primitive():
+        action, primitive_lp = dist.rsample_and_log_prob()
+    torch.testing.assert_close(primitive_lp, dist.component_log_prob(action.expand(2, 1))[0])
