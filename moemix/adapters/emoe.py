@@ -22,6 +22,7 @@ from torch import nn
 
 from moemix._checks import check_choice, check_positive_int
 from moemix.adapters.ffn import ffn_parts
+from moemix.adapters.inject import replace_module
 from moemix.layers.experts import GroupedExperts
 from moemix.layers.moe_layer import MoELayer
 from moemix.layers.router import RoutingDecision, TopKRouter
@@ -172,6 +173,5 @@ def moefy(model: nn.Module, *, every: Optional[int] = 2, blocks: Optional[Sequen
     layers = [(name, emoe_from_mlp(model.get_submodule(name), num_experts, k, gate=gate, seed=seed,
                                    aux_loss_coef=aux_loss_coef, name=name)) for name in names]
     for name, layer in layers:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        replace_module(model, name, layer)
     return names

@@ -2,7 +2,6 @@
 :class:`LoRALinear`, and only adapters, routers (and modules named in ``trainable``) keep training."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -10,6 +9,7 @@ from torch import nn
 
 from moemix.adapters.lora import LoRALinear
 from moemix.adapters.mixlora import MixLoRA
+from moemix.layers.replace import _matches  # peft's rule: a full regex match, or names matched as dotted suffixes
 
 __all__ = ["AdapterReport", "inject_mixlora", "merge_lora", "unmerge_lora", "matching_modules"]
 
@@ -31,13 +31,6 @@ class AdapterReport:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         return (f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
                 f"trainable%: {share:.4f}")
-
-
-def _matches(name: str, pattern: Pattern) -> bool:
-    """peft's rule: a string fully matches as a regex; a list matches a name exactly or as a dotted suffix."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
 
 
 def matching_modules(model: nn.Module, pattern: Pattern, what: str,
@@ -64,7 +57,8 @@ def _default_patterns(model: nn.Module) -> Tuple[Optional[Pattern], Optional[Pat
     return None, None
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
@@ -123,7 +117,7 @@ def inject_mixlora(model: nn.Module, *, ffn_pattern: Optional[Pattern] = None, a
                               **attn_kwargs)) for name in attn_names]
     model.requires_grad_(False)
     for name, module in new:
-        _replace(model, name, module)
+        replace_module(model, name, module)
         for param_name, param in module.named_parameters():
             param.requires_grad_(not param_name.startswith(("experts.ffn.", "base.")))
     for name in keep:

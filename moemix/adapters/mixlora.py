@@ -99,10 +99,10 @@ class MixLoRAExperts(RoutedExperts):
         a, b = getattr(self, f"lora_A_{name}")[expert], getattr(self, f"lora_B_{name}")[expert]
         return self.lora_dropout(x) @ a @ b * self.scaling
 
-    def _expert_outputs(self, x_rows: torch.Tensor, gate_rows: torch.Tensor, up_rows: Optional[torch.Tensor],
+    @staticmethod
+    def _expert_outputs(parts: FFNParts, x_rows: torch.Tensor, gate_rows: torch.Tensor, up_rows: Optional[torch.Tensor],
                         lora: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The experts on rows whose base first projections are given; ``lora(projection, input)``: the deltas."""
-        parts = self.parts
         h = parts.act(gate_rows + lora("gate", x_rows))
         if up_rows is not None:
             h = h * (up_rows + lora("up", x_rows))
@@ -118,12 +118,13 @@ class MixLoRAExperts(RoutedExperts):
         shared = [parts.gate(x), parts.up(x) if parts.up is not None else None]
         if plan.layout != "sorted":
             rows = [dispatch_tokens(t, plan) if t is not None else None for t in (x, *shared)]
-            return combine_tokens(self._expert_outputs(*rows, lambda n, t: self._lora(n, t, plan)), weights, plan)
+            outputs = self._expert_outputs(parts, *rows, lambda n, t: self._lora(n, t, plan))
+            return combine_tokens(outputs, weights, plan)
+        # The flat assignment each buffer row holds (dropped assignments point one past the buffer).
         slot = plan.slot.reshape(-1)
-        kept = slot < plan.num_rows
-        assignment = torch.empty(plan.num_rows, dtype=torch.long, device=x.device)
-        assignment[slot[kept]] = torch.nonzero(kept).squeeze(1)
-        row_weight = weights.reshape(-1)[assignment].split(plan.counts)
+        assignment = slot.new_empty(plan.num_rows + 1).index_copy_(0, slot, torch.arange(slot.numel(),
+                                                                                            device=slot.device))
+        row_weight = weights.reshape(-1)[assignment[:plan.num_rows]].split(plan.counts)
         gathered = [list(_ExpertRows.apply(t, plan.row_token, plan.counts)) if t is not None else None
                     for t in (x, *shared)]
         del shared  # [T, H]: no longer needed once its rows are gathered
@@ -134,7 +135,7 @@ class MixLoRAExperts(RoutedExperts):
                 if g is not None:
                     g[e] = None
             if len(tokens):
-                y = self._expert_outputs(*rows, lambda n, t, e=e: self._lora_of_expert(n, t, e))
+                y = self._expert_outputs(parts, *rows, lambda n, t, e=e: self._lora_of_expert(n, t, e))
                 out = out.index_add(0, tokens, (y * w[:, None]).to(out.dtype))
         return out.to(x.dtype)
 
@@ -142,7 +143,7 @@ class MixLoRAExperts(RoutedExperts):
         """The expert buffer ``rows [R, D]`` through each row's expert (base projections on the rows)."""
         parts = self.parts
         shared = [parts.gate(rows), parts.up(rows) if parts.up is not None else None]
-        return self._expert_outputs(rows, *shared, lambda n, t: self._lora(n, t, plan))
+        return self._expert_outputs(parts, rows, *shared, lambda n, t: self._lora(n, t, plan))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"

@@ -91,10 +91,6 @@ class TanhNormalMixture(D.Distribution):
         """``[*sample, ..., K]``: ``log p_k(value_k)`` of component ``k`` at its own action ``value [..., K, A]``."""
         return self.components.log_prob(value)
 
-    def rsample_components(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        """A reparameterised action from every component: ``[*sample_shape, ..., K, A]``."""
-        return self.components.rsample(sample_shape)
-
     def _rsample_with_primitive_log_prob(self, sample_shape) -> Tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised action of a component drawn from ``Categorical(logits)`` and that component's exact
         log-probability of it (scored on the pre-tanh draw)."""
